@@ -1,0 +1,84 @@
+"""Ray shell around one learner rank, and the group that starts L of them as one torch.distributed world."""
+from __future__ import annotations
+
+import socket
+
+import ray
+
+from learner.types import TrainBatch
+from learner.worker import LearnerConfig, LearnerWorker
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, master_addr: str,
+                 master_port: int):
+        self.worker = LearnerWorker(model_path, cfg, rank, world_size, master_addr, master_port)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self.worker.train_step(batch)
+
+    def set_lr(self, lr: float) -> None:
+        self.worker.set_lr(lr)
+
+    def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
+        return self.worker.probe_logprobs(text, images)
+
+    def save_hf(self, out_dir: str) -> None:
+        self.worker.save_hf(out_dir)
+
+    def sync_weights(self, rollout_actors: list) -> int:
+        """Rank 0 streams size-bounded buckets to every rollout actor (one object-store put per bucket,
+        read by all actors); returns the new version. Other ranks only take part in ZeRO-3 gathers."""
+        buckets = self.worker.weight_buckets()
+        version = self.worker.next_version()
+        if self.worker.rank != 0:
+            if self.worker.cfg.zero_stage == 3:
+                for _ in buckets:  # every rank takes part in each parameter gather
+                    pass
+            return version
+        ray.get([a.begin_weight_update.remote(version) for a in rollout_actors])
+        for bucket in buckets:
+            ref = ray.put(bucket)
+            ray.get([a.load_weight_bucket.remote(ref) for a in rollout_actors])
+        reported = ray.get([a.finish_weight_update.remote() for a in rollout_actors])
+        if any(v != version for v in reported):
+            raise RuntimeError(f"weight sync incomplete: sent version {version}, actors report {reported}")
+        return version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    """L learner actors forming one DeepSpeed/torch.distributed world; each call goes to all ranks."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, num_ranks: int, num_cpus: float, num_gpus: float,
+                 master_port: int = 0):
+        master_addr = ray.util.get_node_ip_address() if num_gpus else "127.0.0.1"
+        port = master_port or free_port()
+        self.actors = [
+            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+                model_path, cfg, rank, num_ranks, master_addr, port)
+            for rank in range(num_ranks)
+        ]
+
+    def train_step(self, shards: list[TrainBatch]) -> dict[str, float]:
+        if len(shards) != len(self.actors):
+            raise ValueError(f"need one shard per rank ({len(self.actors)}), got {len(shards)}")
+        return ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])[0]
+
+    def set_lr(self, lr: float) -> None:
+        ray.get([a.set_lr.remote(lr) for a in self.actors])
+
+    def sync_weights(self, rollout_actors: list) -> int:
+        return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0]
+
+    def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
+        return ray.get([a.probe_logprobs.remote(text, images) for a in self.actors])[0]
+
+    def save_hf(self, out_dir: str) -> None:
+        ray.get([a.save_hf.remote(out_dir) for a in self.actors])

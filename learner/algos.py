@@ -1,0 +1,556 @@
+"""GRPO building blocks: advantages, policy losses, KL estimators, entropy.
+
+Modelled on verl's ``verl/trainer/ppo/core_algos.py``: every advantage estimator,
+policy loss and KL estimator is a small, pure function registered by name, so a
+config string picks the variant and a new one is one decorated function away.
+Nothing here touches the network, the optimizer or ``torch.distributed``; the
+learner does the all-reduces, these functions only return the *local* pieces
+(sums and counts) that make a global reduction exact.
+
+Recipe (Skywork-R1V3, P3 §3.3, see ``shared/reference/r1v3-paper.md`` §2.4):
+GRPO group-normalised advantages, PPO clipped surrogate with a symmetric clip of
+0.2, no KL penalty, one gradient step per episode (strictly on-policy, ratio = 1).
+
+Distributed loss normalisation (read this before calling :func:`ppo_clip`)
+-------------------------------------------------------------------------
+``ppo_clip`` divides the *local* masked sum of per-token losses by the *global*
+normaliser (``loss_token_count`` = response tokens in the whole training batch
+over all ranks and micro-batches, or ``loss_seq_count`` = sequences, for
+"seq-mean-token-mean").  Hence the sum over every micro-batch on every rank of
+the returned ``stats["pg_loss"]`` is exactly the full-batch loss, and the sum of
+their gradients is exactly the full-batch gradient, however the batch is split.
+
+The caller must make sure the optimizer sees that *sum*:
+
+* plain ``loss.backward()`` per micro-batch accumulates (sums) gradients - good;
+* DeepSpeed's ``engine.backward(loss)`` divides by ``gradient_accumulation_steps``
+  unless called with ``scale_wrt_gas=False`` - call it that way (or multiply
+  ``loss_scale`` by the number of accumulation steps);
+* DeepSpeed / DDP all-reduce *averages* gradients over the data-parallel ranks
+  (divides by ``dp_world_size``), so pass ``loss_scale=dp_world_size`` (the
+  divisor the gradient all-reduce uses).
+
+``loss_scale`` only scales the returned differentiable ``loss``; the logged
+``stats["pg_loss"]`` stays unscaled so it can be summed across micro-batches and
+ranks for logging.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Hashable, Sequence
+from typing import Literal, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "POLICY_LOSSES",
+    "KL_ESTIMATORS",
+    "LossAggMode",
+    "StatPair",
+    "register_advantage_estimator",
+    "register_policy_loss",
+    "register_kl_estimator",
+    "get_advantage_estimator",
+    "get_policy_loss",
+    "get_kl_estimator",
+    "grpo",
+    "expand_to_tokens",
+    "ppo_clip",
+    "aggregate_loss",
+    "loss_normalizers",
+    "k1",
+    "k2",
+    "k3",
+    "kl_penalty",
+    "masked_sum",
+    "masked_mean",
+    "entropy_from_logits",
+    "logprobs_from_logits",
+    "critical_token_entropy",
+    "reduce_stat",
+]
+
+F = TypeVar("F", bound=Callable[..., object])
+
+#: A locally reducible statistic: (sum, count), both detached 0-d tensors.
+#: Global value = all_reduce(sum) / all_reduce(count).
+StatPair = tuple[Tensor, Tensor]
+
+LossAggMode = Literal["token-mean", "seq-mean-token-mean"]
+_LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
+
+# --------------------------------------------------------------------------- registries
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]] = {}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+
+
+def _register(registry: dict, kind: str, name: str) -> Callable[[F], F]:
+    """Decorator factory shared by the three registries.
+
+    Re-registering the same function under the same name is a no-op (module
+    reloads in notebooks); a *different* function under a taken name is an error,
+    so two variants can never silently shadow each other.
+    """
+
+    def deco(fn: F) -> F:
+        existing = registry.get(name)
+        same = existing is fn or (
+            existing is not None
+            and (existing.__module__, existing.__qualname__) == (fn.__module__, fn.__qualname__)
+        )
+        if existing is not None and not same:
+            raise ValueError(f"{kind} {name!r} is already registered to {existing.__qualname__}")
+        registry[name] = fn
+        return fn
+
+    return deco
+
+
+def _lookup(registry: dict, kind: str, name: str) -> Callable:
+    try:
+        return registry[name]
+    except KeyError:
+        known = ", ".join(sorted(registry)) or "<none>"
+        raise ValueError(f"unknown {kind} {name!r}; known: {known}") from None
+
+
+def register_advantage_estimator(name: str) -> Callable[[F], F]:
+    """Register ``fn(rewards, group_ids, **options) -> Tensor[N]`` under ``name``."""
+    return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def register_policy_loss(name: str) -> Callable[[F], F]:
+    """Register ``fn(logprobs, old_logprobs, advantages, response_mask, **options)
+    -> (loss, stats)`` under ``name``."""
+    return _register(POLICY_LOSSES, "policy loss", name)
+
+
+def register_kl_estimator(name: str) -> Callable[[F], F]:
+    """Register ``fn(logprobs, ref_logprobs) -> per-token Tensor`` under ``name``."""
+    return _register(KL_ESTIMATORS, "KL estimator", name)
+
+
+def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
+    """Look up an advantage estimator; ``ValueError`` listing known names if absent."""
+    return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+
+
+def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]:
+    """Look up a policy loss; ``ValueError`` listing known names if absent."""
+    return _lookup(POLICY_LOSSES, "policy loss", name)
+
+
+def get_kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """Look up a KL estimator; ``ValueError`` listing known names if absent."""
+    return _lookup(KL_ESTIMATORS, "KL estimator", name)
+
+
+# --------------------------------------------------------------------------- masked reductions
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
+    """Sum of ``x * mask`` over ``dim`` (all dims if None).
+
+    Positions where ``mask == 0`` are *selected away* (``torch.where``), not just
+    multiplied by zero, so a padded ``inf``/``nan`` (e.g. a ``-inf`` logprob of a
+    pad token) cannot poison the result as ``inf * 0 = nan`` would.
+    """
+    mask = mask.to(x.dtype) if mask.dtype != torch.bool else mask
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    weighted = x if mask.dtype == torch.bool else x * mask
+    vals = torch.where(keep, weighted, torch.zeros((), dtype=x.dtype, device=x.device))
+    return vals.sum() if dim is None else vals.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is set (weighted by ``mask``).
+
+    An all-zero mask gives 0 rather than NaN (numerator is 0 and the denominator
+    is clamped to a tiny positive number).
+    """
+    num = masked_sum(x, mask, dim)
+    den = masked_sum(torch.ones_like(x), mask, dim)
+    return num / den.clamp(min=torch.finfo(num.dtype).tiny if num.is_floating_point() else 1)
+
+
+def reduce_stat(pair: StatPair) -> float:
+    """Local value of a (sum, count) stat (0 for an empty count); after the caller
+    all-reduces both entries this gives the global value."""
+    s, c = pair
+    c = float(c)
+    return float(s) / c if c > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def _group_index(group_ids: Tensor | Sequence[Hashable], n: int, device: torch.device) -> tuple[Tensor, int]:
+    """Map arbitrary group ids (tensor or hashables, any order) to 0..G-1."""
+    if isinstance(group_ids, Tensor):
+        if group_ids.shape != (n,):
+            raise ValueError(f"group_ids must have shape ({n},), got {tuple(group_ids.shape)}")
+        uniq, inverse = torch.unique(group_ids, return_inverse=True)
+        return inverse.to(device), int(uniq.numel())
+    ids = list(group_ids)
+    if len(ids) != n:
+        raise ValueError(f"group_ids has {len(ids)} entries, rewards has {n}")
+    table: dict[Hashable, int] = {}
+    index = [table.setdefault(g, len(table)) for g in ids]
+    return torch.tensor(index, dtype=torch.long, device=device), len(table)
+
+
+@register_advantage_estimator("grpo")
+def grpo(
+    rewards: Tensor,
+    group_ids: Tensor | Sequence[Hashable],
+    *,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:
+    """GRPO group-relative advantage, one scalar per sequence.
+
+    ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` over the responses sharing a
+    prompt (P3 §3.3 / ref §2.4, following Shao et al. 2024).  With
+    ``norm_by_std=False`` it is ``r_i - mean_g(r)`` (Dr. GRPO, Liu et al. 2025),
+    which drops the difficulty re-weighting that std-normalisation introduces.
+
+    * ``std`` is the **unbiased** sample std (divide by ``n - 1``), matching
+      ``torch.std`` as used by verl.
+    * A group of size 1 gets advantage 0 (verl instead returns the raw reward;
+      a lone sample has no baseline, so it carries no group-relative signal).
+    * A group whose rewards are all equal gets exactly 0 (no NaN and no
+      ``tiny/(tiny+eps)`` residue from float rounding of the mean): these are
+      R1V2's "vanishing advantage" groups (ref §6, SSB).
+    * Groups may have different sizes and appear in any order; ``group_ids`` is
+      a ``Tensor[N]`` or a sequence of hashables (e.g. prompt uids).
+
+    Computation is done in float64 and cast back to the reward dtype (float32
+    for integer rewards). Broadcast to tokens with :func:`expand_to_tokens`.
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
+    n = rewards.shape[0]
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    if n == 0:
+        return torch.zeros(0, dtype=out_dtype, device=rewards.device)
+    idx, g = _group_index(group_ids, n, rewards.device)
+    r = rewards.detach().to(torch.float64)
+
+    count = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(0, idx, torch.ones_like(r))
+    mean = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(0, idx, r) / count
+    centred = r - mean[idx]
+    rmax = torch.full((g,), -math.inf, dtype=torch.float64, device=r.device).scatter_reduce(0, idx, r, "amax")
+    rmin = torch.full((g,), math.inf, dtype=torch.float64, device=r.device).scatter_reduce(0, idx, r, "amin")
+    degenerate = ((count < 2) | (rmax == rmin))[idx]
+
+    if norm_by_std:
+        sq = torch.zeros(g, dtype=torch.float64, device=r.device).index_add_(0, idx, centred * centred)
+        std = torch.sqrt(sq / (count - 1).clamp(min=1))
+        adv = centred / (std[idx] + eps)
+    else:
+        adv = centred
+    adv = torch.where(degenerate, torch.zeros_like(adv), adv)
+    return adv.to(out_dtype)
+
+
+def expand_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:
+    """Broadcast per-sequence advantages ``[B]`` to tokens ``[B, T]``, 0 on padding.
+
+    GRPO gives every token of a response its sequence's advantage (outcome
+    reward, no per-token credit assignment).
+    """
+    if advantages.dim() != 1 or response_mask.dim() != 2 or advantages.shape[0] != response_mask.shape[0]:
+        raise ValueError(
+            f"expected advantages [B] and response_mask [B, T], got {tuple(advantages.shape)}, "
+            f"{tuple(response_mask.shape)}"
+        )
+    return advantages[:, None] * response_mask.to(advantages.dtype)
+
+
+# --------------------------------------------------------------------------- loss aggregation
+
+
+def loss_normalizers(response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Local (token_count, seq_count) of a (micro-)batch, as float 0-d tensors.
+
+    The learner sums these over **all micro-batches and all ranks** of the
+    training batch (one all-reduce) before the first backward and passes the
+    results as ``loss_token_count`` / ``loss_seq_count``.  ``seq_count`` counts
+    sequences with at least one response token (an empty response contributes 0
+    to the seq-mean-token-mean numerator, so it must not count in the denominator).
+    """
+    m = response_mask != 0
+    return m.sum().to(torch.float64), m.any(dim=-1).sum().to(torch.float64)
+
+
+def _normaliser(count: float | Tensor, like: Tensor) -> Tensor:
+    """Global count as a 0-d tensor in ``like``'s dtype/device (keeps the loss
+    dtype; counts are exact in float32 up to 2**24).  Must be > 0."""
+    c = torch.as_tensor(count, device=like.device).detach().to(like.dtype)
+    if c.numel() != 1:
+        raise ValueError("loss normaliser must be a scalar")
+    return c.reshape(()).clamp(min=torch.finfo(like.dtype).tiny)
+
+
+def aggregate_loss(
+    per_token_loss: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: LossAggMode = "token-mean",
+    *,
+    loss_token_count: float | Tensor | None = None,
+    loss_seq_count: float | Tensor | None = None,
+) -> Tensor:
+    """Reduce a ``[B, T]`` per-token loss to a scalar with a GLOBAL normaliser.
+
+    * ``"token-mean"``: ``Σ mask·ℓ / loss_token_count`` - every token of the
+      global batch weighs the same (verl / DAPO default).
+    * ``"seq-mean-token-mean"``: ``Σ_i (Σ_t mask·ℓ / |y_i|) / loss_seq_count`` -
+      per-sequence mean, then mean over sequences, as written in P3 Eq. 7
+      (``1/M Σ_j 1/|y_j| Σ_t``, ref §2.4).  ``|y_i|`` is local to the sequence,
+      so it is exact as long as a sequence is never split across micro-batches.
+
+    Because the normaliser is global, the losses of all micro-batches / ranks
+    *sum* to the full-batch loss (see the module docstring).
+    """
+    if loss_agg_mode == "token-mean":
+        if loss_token_count is None:
+            raise ValueError("token-mean needs loss_token_count (global response-token count)")
+        return masked_sum(per_token_loss, response_mask) / _normaliser(loss_token_count, per_token_loss)
+    if loss_agg_mode == "seq-mean-token-mean":
+        if loss_seq_count is None:
+            raise ValueError("seq-mean-token-mean needs loss_seq_count (global sequence count)")
+        seq_sum = masked_sum(per_token_loss, response_mask, dim=-1)
+        seq_len = masked_sum(torch.ones_like(per_token_loss), response_mask, dim=-1)
+        return (seq_sum / seq_len.clamp(min=1)).sum() / _normaliser(loss_seq_count, per_token_loss)
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; known: {', '.join(_LOSS_AGG_MODES)}")
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+def _pair(s: Tensor, c: Tensor) -> StatPair:
+    return s.detach(), c.detach()
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    clip_ratio_c: float | None = None,
+    loss_agg_mode: LossAggMode = "token-mean",
+    loss_token_count: float | Tensor | None = None,
+    loss_seq_count: float | Tensor | None = None,
+    loss_scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor | StatPair]]:
+    """PPO clipped surrogate (the GRPO policy loss), all inputs ``[B, T]``.
+
+    Per token, with ``ρ = exp(logprobs - old_logprobs)``::
+
+        ℓ = max(-A·ρ, -A·clip(ρ, 1 - clip_low, 1 + clip_high))
+
+    The R1V3 final recipe uses a symmetric 0.2 (P3 §3.3); ``clip_high >
+    clip_low`` is DAPO's clip-higher, which P3 §5.5 found to cause instability
+    and anomalous grad norms - kept only as an option.  ``clip_ratio_c`` (> 1)
+    enables dual-clip (Ye et al. 2020): for ``A < 0`` the loss is additionally
+    capped at ``-A·clip_ratio_c`` so a huge ratio on a bad token cannot blow up.
+
+    Aggregation (:func:`aggregate_loss`) divides by the GLOBAL
+    ``loss_token_count`` (token-mean) or ``loss_seq_count``
+    (seq-mean-token-mean); see the module docstring for what the caller must do
+    about gradient accumulation and the rank-averaging all-reduce
+    (``loss_scale=dp_world_size`` for DeepSpeed/DDP).
+
+    Returns ``(loss, stats)``; ``loss = loss_scale · aggregated`` is for
+    ``backward``.  ``stats`` (all detached):
+
+    * ``pg_loss``: unscaled aggregated loss - sums over micro-batches/ranks to the
+      full-batch loss;
+    * ``pg_clipfrac``: (#tokens where the clipped branch is strictly active, #tokens)
+      - those tokens get zero gradient;
+    * ``pg_clipfrac_lower``: (#tokens capped by dual-clip, #tokens) - 0 if off;
+    * ``ppo_kl``: (Σ old - new, #tokens), the k1 estimate of KL(π_old‖π_θ);
+    * ``ratio_mean``: (Σ ρ, #tokens).
+
+    The ``*_pair`` stats are (sum, count) over the *local* response tokens; use
+    :func:`reduce_stat` after an all-reduce of both entries.
+    """
+    if not (logprobs.shape == old_logprobs.shape == advantages.shape == response_mask.shape):
+        raise ValueError(
+            "logprobs, old_logprobs, advantages, response_mask must share a shape, got "
+            f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(advantages.shape)}, "
+            f"{tuple(response_mask.shape)}"
+        )
+    if clip_ratio_c is not None and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip lower bound), got {clip_ratio_c}")
+
+    keep = response_mask != 0
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # Zero the log-ratio on padding *before* exp so garbage there (−inf, nan)
+    # yields neither a nan loss nor a nan gradient; clamp like verl for safety.
+    log_ratio = torch.where(keep, logprobs - old_logprobs.detach(), zero).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(keep, advantages.detach(), zero)
+
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    clipped = (loss_clipped > loss_unclipped) & keep
+
+    if clip_ratio_c is not None:
+        cap = -adv * clip_ratio_c
+        dual = (adv < 0) & (per_token > cap) & keep
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    else:
+        dual = torch.zeros_like(keep)
+
+    agg = aggregate_loss(
+        per_token,
+        response_mask,
+        loss_agg_mode,
+        loss_token_count=loss_token_count,
+        loss_seq_count=loss_seq_count,
+    )
+    n_tok = keep.sum().to(torch.float64)
+    stats: dict[str, Tensor | StatPair] = {
+        "pg_loss": agg.detach(),
+        "pg_clipfrac": _pair(clipped.sum().to(torch.float64), n_tok),
+        "pg_clipfrac_lower": _pair(dual.sum().to(torch.float64), n_tok),
+        "ppo_kl": _pair(masked_sum(-log_ratio, keep).to(torch.float64), n_tok),
+        "ratio_mean": _pair(masked_sum(ratio, keep).to(torch.float64), n_tok),
+    }
+    return agg * loss_scale, stats
+
+
+# --------------------------------------------------------------------------- KL to a reference
+
+
+@register_kl_estimator("k1")
+def k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``log π_θ - log π_ref``: unbiased for KL(π_θ‖π_ref) on π_θ samples but
+    high-variance and can be negative per token.  The form written in P3 Eq. 7."""
+    return logprobs - ref_logprobs
+
+
+@register_kl_estimator("k2")
+def k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``½(log π_θ - log π_ref)²``: non-negative, biased, low variance (Schulman 2020)."""
+    d = logprobs - ref_logprobs
+    return 0.5 * d * d
+
+
+@register_kl_estimator("k3")
+def k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """``exp(ref - logp) - (ref - logp) - 1``: unbiased, non-negative, low variance
+    (Schulman 2020; verl ``low_var_kl``, GRPO paper).  As in verl the log-ratio is
+    clamped to [-20, 20] and the result to [-10, 10] so a single token where the
+    policy has drifted far cannot produce inf/huge gradients."""
+    d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
+    return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token KL(π_θ‖π_ref) estimate with the registered estimator ``kind``.
+
+    The R1V3 final recipe applies **no** KL penalty (P3 §3.3, ref §2.4); a
+    coefficient of 0 (and skipping the reference forward) is the caller's call.
+    Mask/aggregate the result with the same mode as the policy loss.
+    """
+    return get_kl_estimator(kind)(logprobs, ref_logprobs)
+
+
+# --------------------------------------------------------------------------- logits -> logprobs / entropy
+
+
+def _row_chunks(n: int, chunk_rows: int | None) -> list[slice]:
+    step = n if not chunk_rows or chunk_rows <= 0 else chunk_rows
+    return [slice(i, min(i + step, n)) for i in range(0, n, max(step, 1))]
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, *, chunk_rows: int | None = 1024) -> Tensor:
+    """``log softmax(logits)[label]`` for ``logits [..., V]``, ``labels [...]`` → ``[...]``.
+
+    Computed as ``logits[label] - logsumexp(logits)`` in float32 (or float64 if
+    given), never materialising the ``[..., V]`` log-softmax; rows are processed
+    in chunks of ``chunk_rows`` so the float32 temporaries of a bf16 ``[B, T, V]``
+    input stay bounded (V ≈ 152k for Qwen/InternVL vocabularies).  Differentiable.
+
+    ``labels`` must be aligned with ``logits`` by the caller (position t of the
+    logits predicts ``labels[t]``, i.e. logits already shifted by one).
+    """
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v)
+    lab = labels.reshape(-1, 1).to(torch.long)
+    calc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    parts = []
+    for sl in _row_chunks(flat.shape[0], chunk_rows):
+        chunk = flat[sl].to(calc_dtype)
+        parts.append(chunk.gather(-1, lab[sl]).squeeze(-1) - torch.logsumexp(chunk, dim=-1))
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=calc_dtype)
+    return out.reshape(labels.shape)
+
+
+def entropy_from_logits(logits: Tensor, *, chunk_rows: int | None = 1024) -> Tensor:
+    """Token entropy ``H = logsumexp(l) - Σ softmax(l)·l`` (nats) of ``[..., V]`` → ``[...]``.
+
+    The logsumexp form is exact and stable for large/shifted logits (no log of
+    tiny probabilities).  Float32 math, row-chunked like
+    :func:`logprobs_from_logits`; differentiable (for an entropy bonus), but call
+    it under ``torch.no_grad()`` for monitoring to save memory.  P3 §6.5 defines
+    token entropy this way (mean over vocabulary distribution at each step).
+    """
+    v = logits.shape[-1]
+    flat = logits.reshape(-1, v)
+    calc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    parts = []
+    for sl in _row_chunks(flat.shape[0], chunk_rows):
+        chunk = flat[sl].to(calc_dtype)
+        # Shift by the row max first: both terms are then O(log V) instead of
+        # O(|logit|), so their difference does not cancel catastrophically.
+        chunk = chunk - chunk.amax(dim=-1, keepdim=True).detach()
+        p = torch.softmax(chunk, dim=-1)
+        parts.append(torch.logsumexp(chunk, dim=-1) - (p * chunk).sum(-1))
+    out = torch.cat(parts) if parts else flat.new_zeros(0, dtype=calc_dtype)
+    return out.reshape(logits.shape[:-1])
+
+
+def critical_token_entropy(
+    entropy: Tensor,
+    token_ids: Tensor,
+    response_mask: Tensor,
+    critical_ids: Collection[int],
+) -> StatPair:
+    """(Σ entropy, count) over occurrences of "critical" reasoning tokens.
+
+    P3 §1/§5.1 monitors "entropy at critical reasoning initiation points like
+    'Wait', 'Alternatively'" (and §6.2's 'Hmm') for checkpoint selection but does
+    not say at which position (ref §3).  Our choice: the entropy of the
+    distribution **from which the critical token was sampled**, i.e. the
+    decision to start a reflection - high when the model genuinely hesitates,
+    ~0 when it recites a memorised pattern.  So ``entropy[b, t]`` must be aligned
+    like ``logprobs_from_logits(logits, labels)``: computed from the logits row
+    that scored ``token_ids[b, t]``.
+
+    ``critical_ids`` should hold the *first* token id of every variant of each
+    word (" Wait", "Wait", " wait", ...): the first sub-token is where the
+    choice is made.  Only positions with ``response_mask`` set count.  Returns
+    detached float64 (sum, count) so the caller can all-reduce both and report
+    the mean over all occurrences (:func:`reduce_stat`).
+    """
+    if not (entropy.shape == token_ids.shape == response_mask.shape):
+        raise ValueError("entropy, token_ids and response_mask must share a shape")
+    if len(critical_ids) == 0:
+        z = torch.zeros((), dtype=torch.float64, device=entropy.device)
+        return z, z.clone()
+    ids = torch.as_tensor(sorted(set(int(i) for i in critical_ids)), dtype=token_ids.dtype, device=token_ids.device)
+    hit = torch.isin(token_ids, ids) & (response_mask != 0)
+    return _pair(masked_sum(entropy.to(torch.float64), hit), hit.sum().to(torch.float64))

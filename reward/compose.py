@@ -1,0 +1,103 @@
+"""The reward: R = 0.8·R_acc + 0.2·R_format (P3 §3.1, ε = 0.8), for batches of responses.
+
+Accuracy runs in a reward.sandbox pool (hostile answers cannot hang or crash the caller); format is a
+linear string check and runs here, on the full response.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from reward.choice_scorer import score_choice
+from reward.format_scorer import score_format
+from reward.math_scorer import score_math
+from reward.open_scorer import score_open
+from reward.sandbox import Sandbox
+from reward.types import RewardResult, ScoreRequest
+
+ACCURACY_TYPES = ("numeric", "math", "choice", "open")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Weights from P3 §3.1. max_response_chars: longer responses are cut to their last that many
+    characters before accuracy scoring, since the answer sits at the end (16k chars ≈ 4k tokens, far more
+    than any answer section); this bounds the parsers' input. Format always sees the full response.
+    worker_memory_mb: memory one scoring worker may allocate beyond its start-up size."""
+
+    accuracy_weight: float = 0.8
+    format_weight: float = 0.2
+    timeout_s: float = 5.0
+    max_response_chars: int = 16_000
+    workers: int = 2
+    worker_memory_mb: int | None = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_response_chars < 1:
+            raise ValueError("max_response_chars must be >= 1")
+
+
+def score_accuracy(request: ScoreRequest) -> RewardResult:
+    """Dispatch on answer_type (runs inside a sandbox worker)."""
+    if request.answer_type in ("numeric", "math"):
+        return score_math(request.response, request.ground_truth)
+    if request.answer_type == "choice":
+        return score_choice(request.response, request.ground_truth, request.options)
+    if request.answer_type == "open":
+        return score_open(request.response, request.ground_truth)
+    raise ValueError(f"unknown answer_type {request.answer_type!r}")
+
+
+def check_answer_types(requests: Sequence[ScoreRequest]) -> None:
+    """Reject a batch holding an unknown answer_type up front, naming it, before any worker sees it."""
+    unknown = sorted({r.answer_type for r in requests} - set(ACCURACY_TYPES))
+    if unknown:
+        raise ValueError(f"unknown answer_type {unknown}; expected one of {list(ACCURACY_TYPES)}")
+
+
+class RewardScorer:
+    """Scores batches of ScoreRequest; keeps its worker pool between batches. Call close() when done."""
+
+    def __init__(self, config: RewardConfig = RewardConfig()) -> None:
+        self.config = config
+        self._sandbox = Sandbox(
+            score_accuracy, workers=config.workers, timeout_s=config.timeout_s, memory_mb=config.worker_memory_mb
+        )
+
+    def accuracy_batch(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+        """parts == {"accuracy": 0|1}. A response with a NUL byte is rejected unscored (no model emits one;
+        it only reaches C-level parsers); "timeout" and worker failures score 0."""
+        check_answer_types(requests)
+        results: list[RewardResult | None] = [None] * len(requests)
+        calls, where = [], []
+        for i, request in enumerate(requests):
+            if "\x00" in request.response:
+                results[i] = RewardResult(0.0, {"accuracy": 0.0}, None, "NUL byte in response")
+                continue
+            response = request.response[-self.config.max_response_chars:]
+            calls.append((dataclasses.replace(request, response=response, meta={}),))
+            where.append(i)
+        for i, outcome in zip(where, self._sandbox.map(calls)):
+            failed = RewardResult(0.0, {"accuracy": 0.0}, None, outcome.error)
+            results[i] = outcome.value if outcome.error is None else failed
+        return results  # type: ignore[return-value]
+
+    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+        """score = accuracy_weight·accuracy + format_weight·format; parts has both; parsed and error come
+        from the accuracy scorer."""
+        scored = []
+        for request, accuracy in zip(requests, self.accuracy_batch(requests)):
+            parts = {"accuracy": accuracy.parts["accuracy"], "format": score_format(request.response)}
+            score = self.config.accuracy_weight * parts["accuracy"] + self.config.format_weight * parts["format"]
+            scored.append(RewardResult(score, parts, accuracy.parsed, accuracy.error))
+        return scored
+
+    def close(self) -> None:
+        self._sandbox.close()
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,307 @@
+"""Scoring saved responses: the engine behind `vireo score` / `vireo eval`.
+
+Protocol "mmmu" judges the way the official MMMU evaluator does (reward.mmmu), over the full response as
+the official code does: multiple-choice rows with parse_multi_choice, rows whose question_type is not
+"multiple-choice" with parse_open (official rule). Mode "official" keeps its random guess when nothing
+parses; mode "strict" scores such a row wrong instead. Variant "mmmu" is the MMMU evaluator,
+"mmmu-pro" the MMMU-Pro one (reads the last "Answer:" first).
+
+Protocol "math" scores with the training reward's accuracy scorers under the hard timeout
+(reward.compose); it never guesses, so its two modes score alike.
+
+A row that cannot be scored (missing response/answer, bad options) is written back with a reason and
+counted as skipped, outside every accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reward import mmmu
+from reward.compose import ACCURACY_TYPES, RewardConfig, RewardScorer
+from reward.types import ScoreRequest
+
+PROTOCOLS = ("mmmu", "math")
+BATCH = 64  # math rows per sandbox batch (and per progress update)
+
+Progress = Callable[[int, int], None]
+
+
+class _Skip(Exception):
+    """A row that cannot be scored; the message is the reason."""
+
+
+def _options(row: dict[str, Any], required: bool) -> tuple[str, ...]:
+    """Options as a list, or the Python-literal list string the MMMU files store."""
+    options = row.get("options")
+    if options is None and not required:
+        return ()
+    if isinstance(options, str):
+        try:
+            options = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+            raise _Skip("bad options") from None
+    if not isinstance(options, list | tuple) or (required and not options):
+        raise _Skip("bad options")
+    return tuple(str(option) for option in options)
+
+
+def _response(row: dict[str, Any]) -> str:
+    response = row.get("response")
+    if not isinstance(response, str):
+        raise _Skip("missing response")
+    return response
+
+
+def _answer(row: dict[str, Any]) -> str | list[str]:
+    """The gold answer as text (numbers become text), or a list of texts."""
+    answer = row.get("answer")
+    if answer is None or answer == "" or answer == []:
+        raise _Skip("missing answer")
+    return [str(a) for a in answer] if isinstance(answer, list) else str(answer)
+
+
+def _score_mmmu_row(row: dict[str, Any], mode: str, variant: str) -> dict[str, Any]:
+    """pred, correct and (when nothing parsed) reason for one MMMU row."""
+    response = _response(row)
+    gold = mmmu.gold_answers(_answer(row))
+    if row.get("question_type", "multiple-choice") != "multiple-choice":
+        preds = mmmu.parse_open(response)
+        out: dict[str, Any] = {"pred": preds, "correct": mmmu.eval_open(gold, preds)}
+        if not response.strip():
+            out["reason"] = "no answer"
+        return out
+    index2ans, letters = mmmu.multi_choice_info(_options(row, required=True))
+    pred = mmmu.parse_multi_choice(response, letters, index2ans, mode="strict", variant=variant)
+    reason = None
+    if pred is None and mode == "official":
+        pred, reason = mmmu.random_fallback(letters), "no answer parsed; official random guess"
+    elif pred is None:
+        reason = "no answer"
+    out = {"pred": pred, "correct": pred is not None and mmmu.eval_multi_choice(gold, pred)}
+    return out if reason is None else {**out, "reason": reason}
+
+
+def _math_request(row: dict[str, Any]) -> ScoreRequest:
+    response = _response(row)
+    answer = _answer(row)
+    if isinstance(answer, list):
+        raise _Skip("list answer (math rows take one ground truth)")
+    answer_type = row.get("answer_type") or "math"
+    if answer_type not in ACCURACY_TYPES:
+        raise _Skip(f"unknown answer_type {answer_type!r}")
+    options = _options(row, required=False)
+    return ScoreRequest(response, answer, answer_type, options)
+
+
+def _score_math_rows(
+    rows: Sequence[dict[str, Any]], timeout_s: float, progress: Progress | None
+) -> list[dict[str, Any]]:
+    """Per row: the scored fields, or {"skip": reason}."""
+    outs: list[dict[str, Any]] = [{} for _ in rows]
+    requests = []
+    for i, row in enumerate(rows):
+        try:
+            requests.append((i, _math_request(row)))
+        except _Skip as skip:
+            outs[i] = {"skip": str(skip)}
+    with RewardScorer(RewardConfig(timeout_s=timeout_s)) as scorer:
+        for start in range(0, len(requests), BATCH):
+            chunk = requests[start:start + BATCH]
+            for (i, _), result in zip(chunk, scorer.accuracy_batch([r for _, r in chunk])):
+                outs[i] = {"pred": result.parsed, "correct": result.parts["accuracy"] == 1.0}
+                if result.error is not None:
+                    outs[i]["reason"] = result.error
+            if progress:
+                progress(min(start + BATCH, len(requests)), len(requests))
+    return outs
+
+
+@dataclass
+class _Tally:
+    """Running counts for the summary; a group is {key: [correct, total]}."""
+
+    protocol: str
+    rows: int = 0
+    correct: int = 0
+    unparsed: int = 0
+    skips: Counter = field(default_factory=Counter)
+    subjects: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    difficulty: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    def add(self, row: dict[str, Any], out: dict[str, Any]) -> None:
+        self.rows += 1
+        if "skip" in out:
+            self.skips[out["skip"]] += 1
+            return
+        self.correct += bool(out["correct"])
+        self.unparsed += "reason" in out
+        subject = mmmu.subject_of(row) if self.protocol == "mmmu" else row.get("subject")
+        keyed = [(self.subjects, subject)]
+        if self.protocol == "math":
+            keyed.append((self.difficulty, row.get("difficulty")))
+        for group, key in keyed:
+            if key not in (None, ""):
+                group[str(key)][0] += bool(out["correct"])
+                group[str(key)][1] += 1
+
+    def summary(self, mode: str, variant: str) -> dict[str, Any]:
+        """Counts and accuracy overall and per subject; MMMU adds the six disciplines (official
+        aggregation), math adds per-difficulty accuracy. Rows without a subject count in the overall only."""
+        skipped = sum(self.skips.values())
+        scored = self.rows - skipped
+        table = mmmu.aggregate({s: (c, n) for s, (c, n) in self.subjects.items()})
+        summary: dict[str, Any] = {
+            "protocol": self.protocol, "mode": mode, "rows": self.rows, "scored": scored, "skipped": skipped,
+            "skip_reasons": dict(self.skips), "unparsed": self.unparsed,
+            "unparsed_rate": self.unparsed / scored if scored else 0.0, "subjects": table["subjects"],
+        }
+        if self.protocol == "mmmu":
+            summary.update(variant=variant, disciplines=table["disciplines"])
+        else:
+            summary["difficulty"] = mmmu.aggregate({d: (c, n) for d, (c, n) in self.difficulty.items()})["subjects"]
+        summary.update(correct=self.correct, accuracy=self.correct / scored if scored else 0.0)
+        return summary
+
+
+def _score_mmmu_rows(
+    rows: Sequence[dict[str, Any]], mode: str, variant: str, progress: Progress | None
+) -> list[dict[str, Any]]:
+    """Per row: the scored fields, or {"skip": reason}."""
+    outs = []
+    for i, row in enumerate(rows, 1):
+        try:
+            outs.append(_score_mmmu_row(row, mode, variant))
+        except _Skip as skip:
+            outs.append({"skip": str(skip)})
+        if progress and (i % BATCH == 0 or i == len(rows)):
+            progress(i, len(rows))
+    return outs
+
+
+def score_rows(
+    rows: Iterable[Any],
+    protocol: str,
+    mode: str = "official",
+    *,
+    variant: str = "mmmu",
+    timeout_s: float = 5.0,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score rows (dicts holding `response` and `answer`, plus `options` for MMMU multiple choice) and
+    return (each row with pred/correct/reason added, summary). A row that is not a dict is skipped."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if mode not in mmmu.MODES or variant not in mmmu.VARIANTS:
+        raise ValueError(f"mode must be one of {mmmu.MODES} and variant one of {mmmu.VARIANTS}")
+    rows = list(rows)
+    dicts = [row for row in rows if isinstance(row, dict)]
+    if protocol == "math":
+        outs = iter(_score_math_rows(dicts, timeout_s, progress))
+    else:
+        outs = iter(_score_mmmu_rows(dicts, mode, variant, progress))
+    tally, scored = _Tally(protocol), []
+    for row in rows:
+        if not isinstance(row, dict):
+            row, out = {"raw": row}, {"skip": "row is not a JSON object"}
+        else:
+            out = next(outs)
+        tally.add(row, out)
+        if "skip" in out:
+            out = {"pred": None, "correct": None, "reason": f"skipped: {out['skip']}"}
+        scored.append({**row, **out})
+    return scored, tally.summary(mode, variant)
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The rows of a JSONL file; a line that is not valid JSON is kept as its text (then skipped)."""
+    rows: list[Any] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    rows.append(line.rstrip("\n"))
+    return rows
+
+
+def score_file(
+    in_path: str | Path,
+    out_path: str | Path | None = None,
+    protocol: str = "mmmu",
+    mode: str = "official",
+    *,
+    variant: str = "mmmu",
+    timeout_s: float = 5.0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score a JSONL file of responses; write the scored rows to out_path when given; return the summary."""
+    scored, summary = score_rows(
+        read_jsonl(in_path), protocol, mode, variant=variant, timeout_s=timeout_s, progress=progress
+    )
+    if out_path is not None:
+        with open(out_path, "w", encoding="utf-8") as handle:
+            for row in scored:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _progress_bar(done: int, total: int) -> None:
+    filled = 30 * done // total if total else 30
+    print(f"\rscoring [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+    if done >= total:
+        print(file=sys.stderr)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A readable report, accuracies rounded to 3 decimals as the official printout; accuracy last."""
+    lines = [
+        f"protocol {summary['protocol']}  mode {summary['mode']}"
+        + (f"  variant {summary['variant']}" if "variant" in summary else ""),
+        f"rows {summary['rows']}  scored {summary['scored']}  skipped {summary['skipped']}"
+        + "".join(f"  [{reason}: {n}]" for reason, n in summary["skip_reasons"].items()),
+        f"unparsed {summary['unparsed']} ({summary['unparsed_rate']:.1%})",
+    ]
+    if "disciplines" in summary:
+        for name, members in mmmu.DISCIPLINES.items():
+            block = summary["disciplines"][name]
+            lines.append(f"{'Overall-' + name:<44}{block['num']:>6}  {block['acc']:.3f}")
+            lines += [f"  {s:<42}{summary['subjects'][s]['num']:>6}  {summary['subjects'][s]['acc']:.3f}"
+                      for s in members if s in summary["subjects"]]
+        others = [s for s in summary["subjects"] if not any(s in m for m in mmmu.DISCIPLINES.values())]
+    else:
+        others = list(summary["subjects"])
+    lines += [f"  {s:<42}{summary['subjects'][s]['num']:>6}  {summary['subjects'][s]['acc']:.3f}" for s in others]
+    lines += [f"difficulty {d:<33}{v['num']:>6}  {v['acc']:.3f}" for d, v in summary.get("difficulty", {}).items()]
+    lines.append(f"accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['scored']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`vireo score --protocol mmmu|math [--mode official|strict] [--variant mmmu|mmmu-pro] IN [OUT]`."""
+    parser = argparse.ArgumentParser(prog="vireo score", description="Score a JSONL file of model responses.")
+    parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    parser.add_argument("--mode", choices=mmmu.MODES, default="official",
+                        help="official: the benchmark's rules, random guess when nothing parses; strict: no guess")
+    parser.add_argument("--variant", choices=mmmu.VARIANTS, default="mmmu",
+                        help="MMMU parser: mmmu (MMMU evaluator) or mmmu-pro (reads the last 'Answer:' first)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per response (math protocol)")
+    parser.add_argument("input", type=Path)
+    parser.add_argument("output", type=Path, nargs="?")
+    args = parser.parse_args(argv)
+    if not args.input.is_file():
+        parser.error(f"no such file: {args.input}")
+    summary = score_file(args.input, args.output, args.protocol, args.mode, variant=args.variant,
+                         timeout_s=args.timeout, progress=_progress_bar)
+    if args.output is not None:
+        print(f"wrote {args.output}")
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,32 @@
+"""Session-wide fixtures: one tiny model per architecture, built once (tests never download anything)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Return a function arch -> path of a tiny model built once per session."""
+    from learner.model_factory import make_model
+
+    built: dict[str, str] = {}
+
+    def get(arch: str = "internvl") -> str:
+        if arch not in built:
+            built[arch] = str(make_model(tmp_path_factory.mktemp(f"model-{arch}"), arch, seed=0))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    from services.synthetic import make_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    make_dataset(out, 64, 16, {"color": 1.0, "count": 1.0, "count_plus": 1.0}, image_size=56, seed=0)
+    return out
