@@ -105,6 +105,8 @@ class LearnerWorker:
             attn[i, :len(seq)] = 1
             mask[i, len(s.prompt_token_ids) - 1:len(seq) - 1] = 1.0
         inputs = {"input_ids": ids, "attention_mask": attn}
+        if "mm_token_type_ids" in self.processor.model_input_names:  # M-RoPE (Qwen2-VL) needs modality ids
+            inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids))
         images = [img for s in samples for img in decode_images(s.images)]
         if images:
             pixel = self.processor.image_processor(images=images, return_tensors="pt")

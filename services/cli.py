@@ -1,4 +1,4 @@
-"""`vireo` command line: make-model, make-data, train, score."""
+"""`vireo` command line: make-model, make-data, train, eval, score."""
 from __future__ import annotations
 
 import argparse
@@ -50,10 +50,18 @@ def _score(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _eval(argv: Sequence[str]) -> int:
+    from services.evaluation import main
+
+    return main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
         return _score(argv[1:])
+    if argv[:1] == ["eval"]:
+        return _eval(argv[1:])
     parser = argparse.ArgumentParser(prog="vireo", description="RL post-training for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="build the tiny embedded-default VLM")
@@ -74,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.set_defaults(func=_train)
     sub.add_parser("score", help="score a JSONL of responses (see `vireo score --help`)")
+    sub.add_parser("eval", help="generate with vLLM and score a data set (see `vireo eval --help`)")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -29,6 +29,9 @@ from reward.compose import ACCURACY_TYPES, RewardConfig, RewardScorer
 from reward.types import ScoreRequest
 
 PROTOCOLS = ("mmmu", "math")
+# The MMMU protocol vireo prompts for ("Answer: X" last line, as the R1V prompts ask, P1 §3) is the one
+# the MMMU-Pro evaluator reads first; `mmmu` reproduces the original MMMU evaluator exactly.
+DEFAULT_VARIANT = "mmmu-pro"
 BATCH = 64  # math rows per sandbox batch (and per progress update)
 
 Progress = Callable[[int, int], None]
@@ -191,7 +194,7 @@ def score_rows(
     protocol: str,
     mode: str = "official",
     *,
-    variant: str = "mmmu",
+    variant: str = DEFAULT_VARIANT,
     timeout_s: float = 5.0,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -239,7 +242,7 @@ def score_file(
     protocol: str = "mmmu",
     mode: str = "official",
     *,
-    variant: str = "mmmu",
+    variant: str = DEFAULT_VARIANT,
     timeout_s: float = 5.0,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -291,8 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=PROTOCOLS, required=True)
     parser.add_argument("--mode", choices=mmmu.MODES, default="official",
                         help="official: the benchmark's rules, random guess when nothing parses; strict: no guess")
-    parser.add_argument("--variant", choices=mmmu.VARIANTS, default="mmmu",
-                        help="MMMU parser: mmmu (MMMU evaluator) or mmmu-pro (reads the last 'Answer:' first)")
+    parser.add_argument("--variant", choices=mmmu.VARIANTS, default=DEFAULT_VARIANT,
+                        help="MMMU parser: mmmu-pro (default: the last 'Answer:' line first, then the MMMU rules) "
+                             "or mmmu (the original MMMU evaluator, without the 'Answer:' step)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per response (math protocol)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path, nargs="?")

@@ -13,6 +13,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 def test_repo_configs_load():
     assert load_config("configs/demo.yaml").learner.num_ranks == 2
+    assert load_config("configs/r1v3_38b.yaml").rollout.n == 32
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -86,9 +86,11 @@ def test_fixture_end_to_end_and_cli(tmp_path, capsys):
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
     expected = sum(r["official_pred"] == r["answer"] for r in rows)
     out = tmp_path / "scored.jsonl"
-    assert main(["--protocol", "mmmu", "--variant", "mmmu-pro", str(FIXTURE), str(out)]) == 0
+    # the exact command (default variant: mmmu-pro, 'Answer:' first)
+    assert main(["--protocol", "mmmu", "--mode", "official", str(FIXTURE), str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"accuracy {expected / len(rows):.3f} ({expected}/{len(rows)})"
     assert any(line.startswith("Overall-Tech and Engineering") for line in lines)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["pred"] for r in written] == [r["official_pred"] for r in rows]
+
