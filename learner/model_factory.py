@@ -11,14 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("internvl", "qwen2_vl")
 
-# Tokens every vireo tokenizer carries: chat roles, the R1-style reasoning tags (P3 §6.2), and the
-# image tokens of both architectures (so one vocabulary serves both; each uses its own).
-COMMON_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Special tokens every vireo tokenizer carries: chat roles and the image tokens of both architectures
+# (so one vocabulary serves both; each uses its own).
+COMMON_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The R1-style reasoning tags (P3 §6.2) are single tokens but not "special": decoders that skip special
+# tokens (vLLM's default) must keep them in the response text, where the format reward looks for them.
+THINK_TOKENS = ["<think>", "</think>"]
 INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>",
                     "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 QWEN2VL_SPECIAL = {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>",
@@ -80,6 +83,7 @@ def build_tokenizer(arch: str, vocab_size: int) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS_WORDS] * 50, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
     extra = dict(INTERNVL_SPECIAL) if arch == "internvl" else {}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",

@@ -68,8 +68,14 @@ def make_llm(model_path: str, options: EngineOptions):
 def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None,
                     banned_token_ids: Sequence[int]):
     """Sampling with per-token logprobs of the sampled tokens (raw, before temperature) and the image
-    placeholder tokens banned (a bias of -100, vLLM's floor, makes them unreachable in practice)."""
+    placeholder tokens banned (a bias of -100, vLLM's floor, makes them unreachable in practice).
+
+    Per-request seeds are dropped on CPU: vLLM 0.32's CPU runner fails with "CPU Generator does not use
+    offset" when a seeded request's prefill is chunked; the engine seed keeps CPU runs reproducible."""
+    import torch
     from vllm import SamplingParams
+
+    seed = seed if torch.cuda.is_available() else None
 
     return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
                           logprobs=0, logit_bias={int(t): -100.0 for t in banned_token_ids} or None)

@@ -83,6 +83,7 @@ class RunConfig:
     name: str = "vireo"
     out_dir: str = "runs"
     ray_address: str = ""
+    worker_logs_to_console: bool = False  # else actors' logs stay in Ray's session log directory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -99,10 +99,11 @@ class Controller:
                   "GPU": cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
                   + cfg.learner.num_ranks * cfg.learner.num_gpus_per_rank}
         if not ray.is_initialized():
-            if cfg.ray_address:
-                ray.init(address=cfg.ray_address)
+            if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster, e.g. under `ray job submit`
+                ray.init(address=cfg.ray_address or None)
             else:  # a laptop: let every actor be placed even when the fractions add up past the cores
-                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed["CPU"])), include_dashboard=False)
+                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed["CPU"])), include_dashboard=False,
+                         log_to_driver=cfg.worker_logs_to_console)
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in needed.items() if v > have.get(k, 0.0) + 1e-9}
         if short:

@@ -47,7 +47,17 @@ def test_grpo_steps_end_to_end(ray_local, tiny_model_dir, tiny_data_dir, tmp_pat
         assert controller.versions() == [4, 4]
         saved = json.loads((tmp_path / "run" / "report.json").read_text())
         assert saved["heldout_accuracy_final"] == report["heldout_accuracy_final"]
-        assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").exists()
+        final_ckpt = tmp_path / "run" / "checkpoints" / "final"
+        assert (final_ckpt / "model.safetensors").exists()
+        if arch == "internvl":  # `vireo eval` on the final checkpoint reproduces training's held-out figure
+            from services.evaluation import EvalOptions, evaluate_model
+
+            summary = evaluate_model(str(final_ckpt), str(tiny_data_dir / "heldout.parquet"),
+                                     EvalOptions(max_tokens=cfg.rollout.max_tokens, limit=cfg.trainer.eval_limit),
+                                     out_dir=str(tmp_path / "eval"))
+            assert summary["scored"] == cfg.trainer.eval_limit
+            assert abs(summary["accuracy"] - report["heldout_accuracy_final"]) <= 0.01
+            assert (tmp_path / "eval" / "results.jsonl").read_text().count("\n") == cfg.trainer.eval_limit
     finally:
         for actor in controller.rollouts + controller.learners.actors + [controller.reward]:
             ray.kill(actor)

@@ -44,3 +44,12 @@ def test_same_seed_same_weights(tmp_path):
     a = load_file(str(make_model(tmp_path / "a", "internvl", seed=3) / "model.safetensors"))
     b = load_file(str(make_model(tmp_path / "b", "internvl", seed=3) / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reasoning_tags_survive_decoding_that_skips_special_tokens(tiny_model_dir):
+    # vLLM decodes responses with skip_special_tokens=True; the format reward needs the tags in the text
+    tok = AutoProcessor.from_pretrained(tiny_model_dir("internvl")).tokenizer
+    text = "<think>I count 2 shapes.</think> \\boxed{2}"
+    ids = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<think>") in ids and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == text
