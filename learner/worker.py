@@ -129,8 +129,7 @@ class LearnerWorker:
         size = self.cfg.micro_batch_size
         local = torch.tensor([math.ceil(len(samples) / size)], dtype=torch.long)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        chunks = [samples[i * size:(i + 1) * size] for i in range(int(local.item()))]
-        return [c if c else [] for c in chunks]
+        return [samples[i * size:(i + 1) * size] for i in range(int(local.item()))]
 
     def _global_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)

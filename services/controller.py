@@ -288,8 +288,12 @@ class Controller:
         for step in range(1, t.steps + 1):
             metrics = self.grpo_step(step)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
+            checkpoint = None
+            if step == t.steps or (t.save_every and step % t.save_every == 0):
+                checkpoint = str(self.run_dir / "checkpoints" / ("final" if step == t.steps else f"step_{step}"))
+                self.learners.save_hf(checkpoint)
             if step == t.steps or (t.eval_every and step % t.eval_every == 0):
-                final = self.evaluate_heldout(f"step_{step}", step, report)
+                final = self.evaluate_heldout(f"step_{step}", step, report, checkpoint)
                 metrics.update(self._eval_metrics(final))
             self.tracker.log(step, metrics)
             eta = (time.time() - start) / step * (t.steps - step)
@@ -298,9 +302,8 @@ class Controller:
                      f"entropy {metrics.get('actor/entropy', float('nan')):.3f} "
                      f"diff {metrics.get('sync/logprob_diff_max', float('nan')):.1e} "
                      f"step {metrics['timing_s/step']:.1f}s eta {eta:.0f}s")
-            if t.save_every and step % t.save_every == 0:
-                self.learners.save_hf(str(self.run_dir / "checkpoints" / f"step_{step}"))
-        self.learners.save_hf(str(self.run_dir / "checkpoints" / "final"))
+        if t.steps == 0:  # warm-up only: its weights are the final checkpoint
+            self.learners.save_hf(str(self.run_dir / "checkpoints" / "final"))
         report.update({"heldout_accuracy_initial": before.accuracy, "heldout_accuracy_after_sft": after_sft.accuracy,
                        "heldout_accuracy_final": final.accuracy, "data_skipped": dict(self.skipped),
                        "final_checkpoint": str(self.run_dir / "checkpoints" / "final")})
@@ -308,11 +311,13 @@ class Controller:
         self.tracker.close()
         return report
 
-    def evaluate_heldout(self, name: str, step: int, report: dict) -> EvalResult:
+    def evaluate_heldout(self, name: str, step: int, report: dict, checkpoint: str | None = None) -> EvalResult:
+        """Held-out figures go to the tracker and to report["eval"], with the checkpoint saved at that step
+        (when there is one) so checkpoints can be selected from the report."""
         if not self.heldout:
             return EvalResult(float("nan"), float("nan"), float("nan"), 0, {})
         result = self.evaluate(self.heldout, self.cfg.trainer.eval_limit)
-        report["eval"].append({"name": name, "step": step, **asdict(result)})
+        report["eval"].append({"name": name, "step": step, "checkpoint": checkpoint, **asdict(result)})
         self.log(f"[eval] {name}: held-out accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
                  f"n={result.n}) {result.by_subject}")
         return result

@@ -49,6 +49,7 @@ def test_grpo_steps_end_to_end(ray_local, tiny_model_dir, tiny_data_dir, tmp_pat
         assert saved["heldout_accuracy_final"] == report["heldout_accuracy_final"]
         final_ckpt = tmp_path / "run" / "checkpoints" / "final"
         assert (final_ckpt / "model.safetensors").exists()
+        assert saved["eval"][-1]["checkpoint"] == str(final_ckpt) and saved["eval"][-1]["step"] == 3
         if arch == "internvl":  # `vireo eval` on the final checkpoint reproduces training's held-out figure
             from services.evaluation import EvalOptions, evaluate_model
 
