@@ -13,10 +13,10 @@ $(UV):
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
 install: $(UV)
-	$(UV) sync --frozen --extra $(EXTRA)
+	$(UV) sync --frozen --inexact --extra $(EXTRA)
 
 install-test: $(UV)
-	$(UV) sync --frozen --extra $(EXTRA) --extra test
+	$(UV) sync --frozen --inexact --extra $(EXTRA) --extra test
 
 demo: install
 	$(VENV)/bin/vireo train configs/demo.yaml
