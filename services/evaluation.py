@@ -3,8 +3,6 @@ training), score with the same code as `vireo score` and the reward actor, write
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from rollout.types import RolloutRequest, SamplingConfig
 from rollout.vllm_adapter import EngineOptions
 from services.datasets import load_problems
 from services.problems import Problem
-from services.scoring import format_summary, score_rows
+from services.scoring import format_summary, progress_bar, score_rows
 
 
 @dataclass
@@ -36,17 +34,6 @@ def problem_row(problem: Problem, response: str) -> dict:
             "response": response}
 
 
-def _progress(done: int, total: int, start: float) -> None:
-    width = 30
-    filled = int(width * done / max(total, 1))
-    rate = done / max(time.time() - start, 1e-9)
-    sys.stderr.write(f"\r[eval] generating [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"({rate:.1f}/s)")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
-
-
 def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_dir: str | None = None,
                    engine_options: EngineOptions | None = None) -> dict:
     from rollout.engine import RolloutEngine  # starts vLLM; imported here so `vireo score` stays light
@@ -61,14 +48,14 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
     sampling = SamplingConfig(n=1, temperature=options.temperature, max_tokens=options.max_tokens,
                               seed=options.seed)
     responses: dict[str, str] = {}
-    start = time.time()
+    progress = progress_bar("[eval] generating")
     for i in range(0, len(problems), options.batch_size):
         chunk = problems[i:i + options.batch_size]
         requests = [RolloutRequest(p.id, render_prompt(engine.processor, p.question, options.system_prompt),
                                    p.images) for p in chunk]
         for traj in engine.generate(requests, sampling):
             responses[traj.prompt_id] = traj.response_text
-        _progress(i + len(chunk), len(problems), start)
+        progress(i + len(chunk), len(problems))
     rows, summary = score_rows([problem_row(p, responses[p.id]) for p in problems], protocol, options.mode)
     summary.update(model=model_path, data=str(data_path), data_skipped=dict(loaded.skipped),
                    sampling={"temperature": options.temperature, "max_tokens": options.max_tokens,

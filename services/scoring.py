@@ -18,6 +18,7 @@ import argparse
 import ast
 import json
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -257,11 +258,19 @@ def score_file(
     return summary
 
 
-def _progress_bar(done: int, total: int) -> None:
-    filled = 30 * done // total if total else 30
-    print(f"\rscoring [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
-    if done >= total:
-        print(file=sys.stderr)
+def progress_bar(label: str) -> Progress:
+    """A progress callback drawing `label [####....] done/total (rate/s)` on stderr."""
+    start = time.time()
+
+    def show(done: int, total: int) -> None:
+        filled = 30 * done // total if total else 30
+        rate = done / max(time.time() - start, 1e-9)
+        print(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} ({rate:.1f}/s)", end="",
+              file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+
+    return show
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -304,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.input.is_file():
         parser.error(f"no such file: {args.input}")
     summary = score_file(args.input, args.output, args.protocol, args.mode, variant=args.variant,
-                         timeout_s=args.timeout, progress=_progress_bar)
+                         timeout_s=args.timeout, progress=progress_bar("scoring"))
     if args.output is not None:
         print(f"wrote {args.output}")
     print(format_summary(summary))
