@@ -5,7 +5,7 @@ import socket
 
 import ray
 
-from learner.types import TrainBatch
+from learner.types import StageSpec, TrainBatch
 from learner.worker import LearnerConfig, LearnerWorker
 
 
@@ -18,8 +18,11 @@ class LearnerActor:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.worker.train_step(batch)
 
-    def set_lr(self, lr: float) -> None:
-        self.worker.set_lr(lr)
+    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
+        return self.worker.begin_stage(spec)
+
+    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
+        return self.worker.validation_loss(batch)
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return self.worker.probe_logprobs(text, images)
@@ -71,8 +74,11 @@ class LearnerGroup:
             raise ValueError(f"need one shard per rank ({len(self.actors)}), got {len(shards)}")
         return ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])[0]
 
-    def set_lr(self, lr: float) -> None:
-        ray.get([a.set_lr.remote(lr) for a in self.actors])
+    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
+        return ray.get([a.begin_stage.remote(spec) for a in self.actors])[0]
+
+    def validation_loss(self, shards: list[TrainBatch]) -> dict[str, float]:
+        return ray.get([a.validation_loss.remote(s) for a, s in zip(self.actors, shards, strict=True)])[0]
 
     def sync_weights(self, rollout_actors: list) -> int:
         return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0]

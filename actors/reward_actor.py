@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ray
 
+from reward.benchmark import score_rows
 from reward.compose import RewardConfig, RewardScorer
 
 
@@ -13,6 +14,11 @@ class RewardActor:
 
     def score_batch(self, requests):
         return self.scorer.score_batch(requests)
+
+    def score_benchmark(self, rows: list[dict], protocol: str, mode: str):
+        """Held-out rows judged by the benchmark protocol (the same code as `vireo eval`), in this
+        actor's sandbox pool."""
+        return score_rows(rows, protocol, mode, timeout_s=self.scorer.config.timeout_s, scorer=self.scorer)
 
     def close(self) -> None:
         self.scorer.close()

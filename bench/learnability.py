@@ -32,7 +32,7 @@ import torch
 from learner.model_factory import TinySize, make_model
 from reward.format_scorer import last_boxed, score_format
 from rollout.prompts import decode_images, render_prompt
-from services.synthetic import TASKS, problem_key, reference_solution, sample_problems
+from services.data.synthetic import TASKS, problem_key, reference_solution, sample_problems
 
 IGNORE = -100
 

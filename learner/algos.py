@@ -49,6 +49,7 @@ __all__ = [
     "POLICY_LOSSES",
     "KL_ESTIMATORS",
     "LossAggMode",
+    "LOSS_AGG_MODES",
     "StatPair",
     "register_advantage_estimator",
     "register_policy_loss",
@@ -59,6 +60,7 @@ __all__ = [
     "grpo",
     "expand_to_tokens",
     "ppo_clip",
+    "sft",
     "aggregate_loss",
     "loss_normalizers",
     "k1",
@@ -80,7 +82,7 @@ F = TypeVar("F", bound=Callable[..., object])
 StatPair = tuple[Tensor, Tensor]
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean"]
-_LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
+LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 
 # --------------------------------------------------------------------------- registries
 
@@ -327,7 +329,7 @@ def aggregate_loss(
         seq_sum = masked_sum(per_token_loss, response_mask, dim=-1)
         seq_len = masked_sum(torch.ones_like(per_token_loss), response_mask, dim=-1)
         return (seq_sum / seq_len.clamp(min=1)).sum() / _normaliser(loss_seq_count, per_token_loss)
-    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; known: {', '.join(_LOSS_AGG_MODES)}")
+    raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; known: {', '.join(LOSS_AGG_MODES)}")
 
 
 # --------------------------------------------------------------------------- policy loss
@@ -428,6 +430,37 @@ def ppo_clip(
         "ppo_kl": _pair(masked_sum(-log_ratio, keep).to(torch.float64), n_tok),
         "ratio_mean": _pair(masked_sum(ratio, keep).to(torch.float64), n_tok),
     }
+    return agg * loss_scale, stats
+
+
+@register_policy_loss("sft")
+def sft(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    loss_agg_mode: LossAggMode = "token-mean",
+    loss_token_count: float | Tensor | None = None,
+    loss_seq_count: float | Tensor | None = None,
+    loss_scale: float = 1.0,
+    **_ratio_options: object,
+) -> tuple[Tensor, dict[str, Tensor | StatPair]]:
+    """Supervised negative log-likelihood of the response tokens (cold-start SFT, P3 §2.3; connector-only
+    tuning, §2.5), registered as a policy loss so every stage trains through one ``train_step``.
+
+    It ignores ``old_logprobs``, ``advantages`` and the ratio options (clip bounds) that PPO-style
+    losses take; aggregation and the global normalisers are those of :func:`ppo_clip`.
+    """
+    if logprobs.shape != response_mask.shape:
+        raise ValueError(f"logprobs and response_mask must share a shape, got {tuple(logprobs.shape)}, "
+                         f"{tuple(response_mask.shape)}")
+    agg = aggregate_loss(-logprobs, response_mask, loss_agg_mode, loss_token_count=loss_token_count,
+                         loss_seq_count=loss_seq_count)
+    zero = torch.zeros((), dtype=torch.float64, device=logprobs.device)
+    n_tok = (response_mask != 0).sum().to(torch.float64)
+    stats: dict[str, Tensor | StatPair] = {"pg_loss": agg.detach(), "pg_clipfrac": _pair(zero, n_tok),
+                                           "ppo_kl": _pair(zero, n_tok)}
     return agg * loss_scale, stats
 
 

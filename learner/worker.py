@@ -5,8 +5,10 @@ torch.distributed group (gloo on CPU, nccl on GPU) and run the same calls on the
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -15,45 +17,41 @@ import torch.distributed as dist
 
 from learner import algos
 from learner.param_groups import set_trainable
-from learner.types import TrainBatch, TrainSample
+from learner.schedules import lr_at
+from learner.types import StageSpec, TrainBatch, TrainSample
 from rollout.prompts import decode_images
 from rollout.weight_bucket import WeightBucket, pack_buckets
+
+# Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
+_TIED_SUFFIXES = ("lm_head.weight",)
 
 
 @dataclass
 class LearnerConfig:
-    """Optimisation and loss settings. Defaults follow P3 §2.4 where the paper states them (clip 0.2
-    symmetric, no KL, all modules trainable in RL, one gradient step per episode)."""
+    """Run-wide learner settings; what changes between stages (trainable groups, lr and schedule, loss)
+    comes with each stage as a StageSpec."""
 
     zero_stage: int = 2
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     micro_batch_size: int = 16
-    updates_per_batch: int = 1
-    trainable: list[str] = field(default_factory=lambda: ["vision", "connector", "llm"])
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    loss_agg_mode: str = "token-mean"
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
     temperature: float = 1.0
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
     seed: int = 0
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _torch_dtype(name: str) -> torch.dtype:
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"unsupported dtype {name!r}")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; known: {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
 class LearnerWorker:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int,
                  master_addr: str, master_port: int, cpu_threads: int = 1):
-        import deepspeed
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         on_gpu = torch.cuda.is_available()
@@ -61,26 +59,44 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         if not on_gpu:
             torch.set_num_threads(cpu_threads)
+        # DeepSpeed JIT-builds its CPU comm extension; a cache per environment keeps checkouts with other
+        # paths from rebuilding (and locking) one shared ~/.cache copy in turn.
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        import deepspeed
+
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         torch.manual_seed(cfg.seed)
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.processor = AutoProcessor.from_pretrained(model_path)
-        dtype = _torch_dtype(cfg.dtype)
-        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype)
-        self.model_type = model.config.model_type
-        self.trainable_params = set_trainable(model, cfg.trainable)
+        self._model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)).to(
+            self.device)
+        self.model_type = self._model.config.model_type
+        self.engine = None
         self.ref_model = None
-        if cfg.kl_coef > 0:
-            self.ref_model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype).to(self.device)
-            self.ref_model.eval().requires_grad_(False)
+        self.stage: StageSpec | None = None
+        self.stage_step = 0
+        self.version = 0
+
+    # ---- stages ---------------------------------------------------------------------------------
+    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
+        """(Re)build the DeepSpeed engine for a stage, keeping the weights: the optimiser holds exactly
+        the stage's trainable groups, with fresh moments (a frozen group really stays frozen, a newly
+        trainable one really trains). The KL reference, when the stage has one, is the policy as the
+        stage starts. Returns the trainable parameter count per group."""
+        import deepspeed
+
+        model = self._current_model()
+        trainable = set_trainable(model, spec.trainable)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=self._lr(spec, 0), betas=tuple(spec.optim.betas),
+                                      weight_decay=spec.optim.weight_decay)
+        dtype = _torch_dtype(self.cfg.dtype)
         ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
             "zero_allow_untested_optimizer": True,
             "bf16": {"enabled": dtype == torch.bfloat16},
             "fp16": {"enabled": dtype == torch.float16},
@@ -88,7 +104,42 @@ class LearnerWorker:
         }
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                model_parameters=params)
-        self.version = 0
+        self.ref_model = None
+        if spec.loss.kl_coef > 0:
+            self.ref_model = self._copy_of().to(self.device)
+            self.ref_model.eval().requires_grad_(False)
+        self.stage, self.stage_step = spec, 0
+        return trainable
+
+    def _current_model(self) -> torch.nn.Module:
+        """The policy as a plain module: at the first stage the loaded checkpoint, later a fresh module
+        holding the previous engine's (gathered) weights, once that engine is torn down."""
+        if self.engine is None:
+            return self._model
+        model = self._copy_of()
+        self.engine.destroy()
+        self.engine = None
+        self._model = None
+        gc.collect()
+        return model
+
+    def _copy_of(self) -> torch.nn.Module:
+        """A new module of the policy's architecture with the current policy weights."""
+        from transformers import AutoModelForImageTextToText
+
+        state = dict(self.named_weights())
+        model = AutoModelForImageTextToText.from_config(self._module().config, dtype=_torch_dtype(self.cfg.dtype))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        persistent = set(model.state_dict())
+        if unexpected or any(k in persistent for k in missing if not k.endswith(_TIED_SUFFIXES)):
+            raise RuntimeError(f"rebuilding the policy: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        return model
+
+    @staticmethod
+    def _lr(spec: StageSpec, step: int) -> float:
+        o = spec.optim
+        return lr_at(step, spec.total_steps, o.lr, o.schedule, o.warmup_ratio, o.min_lr_ratio)
 
     # ---- batching -------------------------------------------------------------------------------
     def _model_inputs(self, samples: list[TrainSample]) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -103,7 +154,7 @@ class LearnerWorker:
         for i, (s, seq) in enumerate(zip(samples, seqs)):
             ids[i, :len(seq)] = torch.tensor(seq)
             attn[i, :len(seq)] = 1
-            mask[i, len(s.prompt_token_ids) - 1:len(seq) - 1] = 1.0
+            mask[i, len(s.prompt_token_ids) - 1:len(seq) - 1] = s.weight
         inputs = {"input_ids": ids, "attention_mask": attn}
         if "mm_token_type_ids" in self.processor.model_input_names:  # M-RoPE (Qwen2-VL) needs modality ids
             inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids))
@@ -125,7 +176,7 @@ class LearnerWorker:
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
         """Split the local shard; every rank runs the same number of micro-batches (collectives must
-        line up), a rank with fewer samples pads with zero-weight repeats."""
+        line up), a rank with fewer pads with empty micro-batches (run on a zero-weight sample)."""
         size = self.cfg.micro_batch_size
         local = torch.tensor([math.ceil(len(samples) / size)], dtype=torch.long)
         dist.all_reduce(local, op=dist.ReduceOp.MAX)
@@ -136,83 +187,113 @@ class LearnerWorker:
         dist.all_reduce(t)
         return t.tolist()
 
+    @staticmethod
+    def _counts(samples: list[TrainSample]) -> list[float]:
+        """Response tokens and sequences that count in the loss (zero-weight padding does not)."""
+        return [sum(len(s.response_token_ids) * s.weight for s in samples),
+                float(sum(s.weight > 0 and len(s.response_token_ids) > 0 for s in samples))]
+
     # ---- updates --------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on this rank's shard (GRPO or SFT); returns globally reduced metrics."""
+        """One optimizer step of the current stage on this rank's shard, with the stage's registered
+        policy loss (SFT is one too); returns globally reduced metrics."""
+        spec = self._require_stage()
         samples = batch.samples or []
         if not samples:
             raise ValueError("empty training shard: the controller must give every rank samples")
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = self._lr(spec, self.stage_step)
         self.engine.train()
         micro = self._micro_batches(samples)
-        tokens = sum(len(s.response_token_ids) for s in samples)
-        global_tokens, global_seqs = self._global_sum([tokens, len(samples)])
+        global_tokens, global_seqs = self._global_sum(self._counts(samples))
+        if global_tokens == 0:
+            raise ValueError("training batch has no response tokens with weight > 0")
+        updates = spec.loss.updates_per_batch
         stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ent_sum": 0.0, "ppo_kl_sum": 0.0}
-        old_logprobs = self._old_logprobs(micro) if batch.kind == "grpo" and self.cfg.updates_per_batch > 1 else None
-        for update in range(self.cfg.updates_per_batch if batch.kind == "grpo" else 1):
+        old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
+        for update in range(updates):
             for i, chunk in enumerate(micro):
-                weight = 1.0 if chunk else 0.0
-                chunk = chunk or samples[:1]
-                logprobs, entropy, mask = self._forward(self.engine, chunk, with_entropy=update == 0)
-                mask = mask * weight
-                if batch.kind == "sft":
-                    loss = algos.aggregate_loss(-logprobs, mask, "token-mean", loss_token_count=global_tokens)
-                    stats["loss"] += loss.item()
-                    loss = loss * self.world_size
-                else:
-                    loss = self._grpo_loss(chunk, logprobs, mask, old_logprobs[i] if old_logprobs else None,
-                                           global_tokens, global_seqs, stats)
+                logprobs, entropy, mask = self._forward(self.engine, chunk or [_padding(samples[0])],
+                                                        with_entropy=update == 0)
+                loss = self._policy_loss(spec, chunk or [_padding(samples[0])], logprobs, mask,
+                                         old_logprobs[i] if old_logprobs else None, global_tokens, global_seqs,
+                                         stats)
                 if update == 0:
                     stats["ent_sum"] += algos.masked_sum(entropy, mask).item()
                 self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 self.engine.backward(loss, scale_wrt_gas=False)
                 self.engine.step()
+        self.stage_step += 1
         grad_norm = self.engine.get_global_grad_norm()
         loss, clip, kl, ent, ppo_kl = self._global_sum(list(stats.values()))
-        return {"actor/loss": loss / self.cfg.updates_per_batch if batch.kind == "grpo" else loss,
-                "actor/pg_clipfrac": clip / (global_tokens * self.cfg.updates_per_batch),
-                "actor/kl": kl / (global_tokens * self.cfg.updates_per_batch),
-                "actor/ppo_kl": ppo_kl / (global_tokens * self.cfg.updates_per_batch),
+        per_update_tokens = global_tokens * updates
+        return {"actor/loss": loss / updates, "actor/pg_clipfrac": clip / per_update_tokens,
+                "actor/kl": kl / per_update_tokens, "actor/ppo_kl": ppo_kl / per_update_tokens,
                 "actor/entropy": ent / global_tokens,
                 "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "actor/lr": self.engine.get_lr()[0], "train/tokens": global_tokens,
                 "train/sequences": global_seqs}
 
-    def set_lr(self, lr: float) -> None:
-        """Phase change (warm-up SFT -> GRPO) keeps the engine and its optimizer state."""
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
+        """Token-mean NLL of the shard's responses under the current policy, no update (the validation
+        loss an SFT stage's early stopping watches, P3 §2.5)."""
+        samples = batch.samples or []
+        global_tokens, _ = self._global_sum(self._counts(samples))
+        total = 0.0
+        policy = self._policy()
+        policy.eval()
+        with torch.no_grad():
+            for chunk in self._micro_batches(samples):
+                logprobs, _, mask = self._forward(policy, chunk or [_padding(samples[0])], with_entropy=False)
+                total += algos.masked_sum(-logprobs, mask).item()
+        (total,) = self._global_sum([total])
+        return {"loss": total / max(global_tokens, 1.0), "tokens": global_tokens}
 
-    def _old_logprobs(self, micro: list[list[TrainSample]]) -> list[torch.Tensor]:
+    def _policy(self) -> torch.nn.Module:
+        """The current policy for forward passes: the engine's, or the loaded model before any stage."""
+        return self.engine if self.engine is not None else self._model
+
+    def _module(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self._model
+
+    def _require_stage(self) -> StageSpec:
+        if self.stage is None or self.engine is None:
+            raise RuntimeError("no stage begun: call begin_stage(spec) before training")
+        return self.stage
+
+    def _old_logprobs(self, micro: list[list[TrainSample]], samples: list[TrainSample]) -> list[torch.Tensor]:
         self.engine.eval()
         with torch.no_grad():
-            out = [self._forward(self.engine, c or micro[0][:1], with_entropy=False)[0] for c in micro]
+            out = [self._forward(self.engine, c or [_padding(samples[0])], with_entropy=False)[0] for c in micro]
         self.engine.train()
         return out
 
-    def _grpo_loss(self, chunk, logprobs, mask, old_logprobs, global_tokens, global_seqs, stats):
+    def _policy_loss(self, spec: StageSpec, chunk, logprobs, mask, old_logprobs, global_tokens, global_seqs, stats):
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=self.device)
         adv = algos.expand_to_tokens(adv, mask)
         old = old_logprobs if old_logprobs is not None else logprobs.detach()
-        loss, pg = algos.ppo_clip(logprobs, old, adv, mask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
-                                  loss_agg_mode=self.cfg.loss_agg_mode, loss_token_count=global_tokens,
-                                  loss_seq_count=global_seqs, loss_scale=self.world_size)
+        cfg = spec.loss
+        normalisers = {"loss_agg_mode": cfg.loss_agg_mode, "loss_token_count": global_tokens,
+                       "loss_seq_count": global_seqs}
+        loss, pg = algos.get_policy_loss(cfg.policy_loss)(
+            logprobs, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+            loss_scale=self.world_size, **normalisers)
         stats["loss"] += float(pg["pg_loss"])
         stats["clip_sum"] += float(pg["pg_clipfrac"][0])
         stats["ppo_kl_sum"] += float(pg["ppo_kl"][0])
         if self.ref_model is not None:
             with torch.no_grad():
                 ref, _, _ = self._forward(self.ref_model, chunk, with_entropy=False)
-            kl = algos.kl_penalty(logprobs, ref, self.cfg.kl_estimator)
-            kl_loss = algos.aggregate_loss(kl, mask, "token-mean", loss_token_count=global_tokens)
-            loss = loss + self.cfg.kl_coef * kl_loss * self.world_size
+            kl = algos.kl_penalty(logprobs, ref, cfg.kl_estimator)
+            loss = loss + cfg.kl_coef * algos.aggregate_loss(kl, mask, **normalisers) * self.world_size
             stats["kl_sum"] += algos.masked_sum(kl.detach(), mask).item()
         return loss
 
     # ---- weights out ----------------------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named tensors of the current policy (ZeRO-3 parameters are gathered one by one)."""
-        module = self.engine.module
-        if self.cfg.zero_stage == 3:
+        module = self._module()
+        if self.cfg.zero_stage == 3 and self.engine is not None:
             import deepspeed
 
             for name, param in module.named_parameters():
@@ -233,9 +314,9 @@ class LearnerWorker:
         """The learner's side of the weight-sync probe: logprobs of tokens 1..n-1 of a fixed text."""
         inputs = self.processor(text=[text], images=decode_images(images) or None, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        self.engine.eval()
+        self._policy().eval()
         with torch.no_grad():
-            logits = self.engine.module(**inputs).logits[:, :-1].float()
+            logits = self._module()(**inputs).logits[:, :-1].float()
         ids = inputs["input_ids"]
         return ids[0].tolist(), algos.logprobs_from_logits(logits, ids[:, 1:])[0].tolist()
 
@@ -243,6 +324,11 @@ class LearnerWorker:
         """Write an HF checkpoint (loadable by transformers and vLLM); collective for ZeRO-3."""
         state = dict(self.named_weights())
         if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir, state_dict=state)
+            self._module().save_pretrained(out_dir, state_dict=state)
             self.processor.save_pretrained(out_dir)
         dist.barrier()
+
+
+def _padding(sample: TrainSample) -> TrainSample:
+    """A zero-weight copy: runs the forward/backward a collective needs, contributes nothing."""
+    return TrainSample(sample.prompt_token_ids, sample.response_token_ids, sample.images, 0.0, weight=0.0)

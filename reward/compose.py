@@ -14,10 +14,7 @@ from reward.format_scorer import score_format
 from reward.math_scorer import score_math
 from reward.open_scorer import score_open
 from reward.sandbox import Sandbox
-from reward.types import RewardResult, ScoreRequest
-
-ACCURACY_TYPES = ("numeric", "math", "choice", "open")
-
+from reward.types import ANSWER_TYPES, RewardResult, ScoreRequest
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -51,9 +48,9 @@ def score_accuracy(request: ScoreRequest) -> RewardResult:
 
 def check_answer_types(requests: Sequence[ScoreRequest]) -> None:
     """Reject a batch holding an unknown answer_type up front, naming it, before any worker sees it."""
-    unknown = sorted({r.answer_type for r in requests} - set(ACCURACY_TYPES))
+    unknown = sorted({r.answer_type for r in requests} - set(ANSWER_TYPES))
     if unknown:
-        raise ValueError(f"unknown answer_type {unknown}; expected one of {list(ACCURACY_TYPES)}")
+        raise ValueError(f"unknown answer_type {unknown}; expected one of {list(ANSWER_TYPES)}")
 
 
 class RewardScorer:

@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: Every answer type a problem can have; each has an accuracy scorer (reward.compose.score_accuracy).
+ANSWER_TYPES = ("numeric", "choice", "math", "open")
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     """One response to score.

@@ -32,8 +32,20 @@ def render_prompt(processor, question: str, system_prompt: str | None = DEFAULT_
                                          tokenize=False)
 
 
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes to an RGB image, fully decoded; transparency is flattened onto white, not black.
+    The one decoder: the data loader checks with it, the engine and the learner see its pixels."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
 def decode_images(images: Sequence[bytes]) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    return [decode_image(b) for b in images]
 
 
 def image_token_ids(processor) -> list[int]:

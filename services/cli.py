@@ -1,4 +1,4 @@
-"""`vireo` command line: make-model, make-data, train, eval, score."""
+"""`vireo` command line: make-model, make-data, make-coldstart, train, eval, score."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ def _make_model(args) -> int:
 
 
 def _make_data(args) -> int:
-    from services.synthetic import make_dataset
+    from services.data.synthetic import make_dataset
 
     tasks = dict((k, float(v)) for k, v in (t.split("=") for t in args.tasks.split(",")))
     summary = make_dataset(args.out_dir, args.n_train, args.n_heldout, tasks, image_size=args.image_size,
@@ -29,7 +29,7 @@ def _make_data(args) -> int:
 
 def _train(args) -> int:
     from services.config import ConfigError, load_config
-    from services.controller import Controller
+    from services.controller import Controller, stage_table
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -38,9 +38,19 @@ def _train(args) -> int:
         return 2
     run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = Controller(cfg, run_dir).run()
-    print(f"[done] held-out accuracy: initial {report['heldout_accuracy_initial']:.3f}, after warm-up "
-          f"{report['heldout_accuracy_after_sft']:.3f}, after GRPO {report['heldout_accuracy_final']:.3f}")
+    print(stage_table(report))
     print(f"[done] run directory: {run_dir}")
+    return 0
+
+
+def _make_coldstart(args) -> int:
+    from services.coldstart import make_coldstart
+
+    summary = make_coldstart(args.model, args.data, args.out, samples=args.samples, max_per_problem=args.max_per_problem,
+                             temperature=args.temperature, max_tokens=args.max_tokens, num_actors=args.num_actors,
+                             limit=args.limit, seed=args.seed)
+    print(f"kept {summary['traces']} traces for {summary['problems_kept']}/{summary['problems']} problems "
+          f"({summary['samples']} samples scored) -> {args.out}")
     return 0
 
 
@@ -77,6 +87,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_data)
+    p = sub.add_parser("make-coldstart", help="cold-start SFT data by rejection sampling (P3 §2.3)")
+    p.add_argument("--model", required=True, help="HF checkpoint that generates the traces")
+    p.add_argument("--data", required=True, help="parquet file or directory of problems")
+    p.add_argument("--out", required=True, help="output parquet (vireo schema, `solution` = kept trace)")
+    p.add_argument("--samples", type=int, default=8, help="responses generated per problem")
+    p.add_argument("--max-per-problem", type=int, default=2, help="kept traces per problem at most")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--num-actors", type=int, default=2, help="rollout actors")
+    p.add_argument("--limit", type=int, default=0, help="use the first N problems only")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_coldstart)
     p = sub.add_parser("train", help="run a training job (also the driver of `ray job submit`)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (defaults in code when omitted)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")

@@ -4,11 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from learner.worker import LearnerConfig
+from learner.param_groups import GROUPS
+from learner.types import LossConfig, OptimConfig
+from learner.worker import DTYPES, LearnerConfig
 from reward.compose import RewardConfig
+from reward.types import ANSWER_TYPES
+from rollout.prompts import DEFAULT_SYSTEM_PROMPT
 from rollout.vllm_adapter import EngineOptions
 
 
@@ -34,21 +39,17 @@ class DataConfig:
     n_heldout: int = 200
     image_size: int = 56
     seed: int = 0
-    system_prompt: str = ("You are a helpful assistant. Think step by step inside <think> </think>, "
-                          "then put the final answer in \\boxed{}.")
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
 
 @dataclass
 class RolloutConfig:
+    """The rollout engines (sampling settings belong to each grpo stage)."""
+
     num_actors: int = 2
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     engine: EngineOptions = field(default_factory=EngineOptions)
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 48
-    eval_temperature: float = 0.0
 
 
 @dataclass
@@ -61,21 +62,120 @@ class LearnerGroupConfig:
 
 
 @dataclass
-class TrainerConfig:
-    """The step loop. sft_* is the cold-start warm-up (P3 §2.3), the rest is GRPO (P3 §2.4)."""
+class EvalConfig:
+    """Held-out evaluation during training, judged by the same protocol code as `vireo eval`:
+    protocol "" picks mmmu for MMMU-schema data and math otherwise; mode official|strict."""
 
-    sft_steps: int = 0
-    sft_batch_size: int = 32
-    sft_lr: float = 1e-3
-    steps: int = 10
-    prompts_per_step: int = 16
-    norm_adv_by_std: bool = True
-    drop_uniform_groups: bool = True
-    eval_every: int = 0
-    eval_limit: int = 0
-    save_every: int = 0
+    protocol: str = ""
+    mode: str = "official"
+    temperature: float = 0.0
+    max_tokens: int = 48
+    limit: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """Run-wide loop settings; everything a stage decides lives in its StageConfig."""
+
     probe_every: int = 1
     seed: int = 0
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataFilter:
+    """Keep only problems whose field is in the list (an empty list keeps all)."""
+
+    subject: list[str] = field(default_factory=list)
+    difficulty: list[int] = field(default_factory=list)
+    answer_type: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageData:
+    """train: a weighted mix of parquet files/directories (empty = the run's data.train); heldout: the
+    sets the stage is judged on (empty = the run's data.heldout)."""
+
+    train: list[DataSource] = field(default_factory=list)
+    heldout: list[str] = field(default_factory=list)
+    filter: DataFilter = field(default_factory=DataFilter)
+
+
+@dataclass
+class SamplingStageConfig:
+    """GRPO sampling (P3 §2.4: 32 samples per prompt at temperature 1.0). max_tokens_schedule raises the
+    response budget from a stage step on ({step: max_tokens}), as the paper grew it 4,096 -> 8,192."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 48
+    max_tokens_schedule: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class AlgoConfig(LossConfig):
+    """The loss (learner.types.LossConfig) plus what the controller does before it: the advantage
+    estimator by name and DAPO-style dropping of groups whose rewards are all equal (P3 §5.5)."""
+
+    adv_estimator: str = "grpo"
+    norm_adv_by_std: bool = True
+    drop_uniform_groups: bool = True
+
+
+@dataclass
+class ThresholdRule:
+    """End when the mean of `metric` over the last `window` steps is above/below `value`."""
+
+    metric: str = ""
+    value: float = 0.0
+    window: int = 5
+    mode: str = "above"
+
+
+@dataclass
+class EarlyStopRule:
+    """End when `metric` (an evaluation figure, e.g. eval/heldout/accuracy or eval/heldout/sft_loss) has
+    not improved by min_delta for `patience` evaluations."""
+
+    metric: str = ""
+    mode: str = "max"
+    patience: int = 3
+    min_delta: float = 0.0
+
+
+@dataclass
+class EndConfig:
+    """max_steps is the hard maximum, always; max_epochs (passes over the stage's data), threshold and
+    early_stop can end the stage sooner."""
+
+    max_steps: int = 10
+    max_epochs: float = 0.0
+    threshold: ThresholdRule = field(default_factory=ThresholdRule)
+    early_stop: EarlyStopRule = field(default_factory=EarlyStopRule)
+
+
+@dataclass
+class StageConfig:
+    """One stage of the curriculum. kind names a registered stage kind (services.stages); batch_size is
+    sequences per step for sft and prompts per step for grpo."""
+
+    name: str = "grpo"
+    kind: str = "grpo"
+    trainable: list[str] = field(default_factory=lambda: list(GROUPS))
+    batch_size: int = 16
+    data: StageData = field(default_factory=StageData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingStageConfig = field(default_factory=SamplingStageConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    end: EndConfig = field(default_factory=EndConfig)
+    eval_every: int = 0
+    save_every: int = 0
 
 
 @dataclass
@@ -89,7 +189,9 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     learner: LearnerGroupConfig = field(default_factory=LearnerGroupConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
 class ConfigError(ValueError):
@@ -97,8 +199,9 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults <- YAML file <- key=value overrides; an unknown key or a wrong type is a ConfigError
-    that names it."""
+    """Defaults <- YAML file <- key=value overrides; an unknown key, a wrong type, a YAML syntax error or
+    an impossible value is a ConfigError that names it. A stage is addressed by index or by name:
+    `stages.1.optim.lr=1e-4` or `stages.grpo.optim.lr=1e-4`."""
     try:
         cfg: DictConfig = OmegaConf.structured(RunConfig)
         if path:
@@ -108,24 +211,99 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            key, value = override.split("=", 1)
+            if key.startswith("stages."):  # a list element: addressed by index or name, updated in place
+                OmegaConf.update(cfg, _stage_key(cfg, key.strip()), yaml.safe_load(value) if value else "", merge=True)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         run: RunConfig = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
         raise ConfigError(f"bad config: {exc}") from None
     validate(run)
     return run
 
 
+def _stage_key(cfg: DictConfig, key: str) -> str:
+    """`stages.<name>.rest` -> `stages.<index>.rest`."""
+    parts = key.split(".")
+    if parts[0] != "stages" or len(parts) < 3 or parts[1].isdigit():
+        return key
+    names = [stage.name for stage in cfg.stages]
+    if parts[1] not in names:
+        raise ConfigError(f"bad config: no stage named {parts[1]!r} in {key!r}; stages: {names}")
+    return ".".join(["stages", str(names.index(parts[1]))] + parts[2:])
+
+
 def validate(cfg: RunConfig) -> None:
+    """Every impossible value, named by its key, before anything starts."""
+    from learner import algos
+    from learner.schedules import LR_SCHEDULES
+    from reward import mmmu
+    from reward.benchmark import PROTOCOLS
+    from services.stages import STAGE_KINDS
+
+    def one_of(value, known, key: str) -> tuple[bool, str]:
+        return value in known, f"{key} must be one of {sorted(known)}, got {value!r}"
+
     checks = [
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (cfg.learner.num_ranks >= 1, "learner.num_ranks must be >= 1"),
-        (cfg.rollout.n >= 2, "rollout.n (samples per prompt) must be >= 2 for group advantages"),
-        (cfg.trainer.steps >= 0 and cfg.trainer.sft_steps >= 0, "trainer.steps / sft_steps must be >= 0"),
+        (cfg.learner.optim.micro_batch_size >= 1, "learner.optim.micro_batch_size must be >= 1"),
+        (cfg.learner.optim.grad_clip > 0, "learner.optim.grad_clip must be > 0"),
+        (cfg.learner.optim.temperature > 0, "learner.optim.temperature must be > 0"),
+        one_of(cfg.learner.optim.dtype, DTYPES, "learner.optim.dtype"),
+        one_of(cfg.rollout.engine.dtype, DTYPES, "rollout.engine.dtype"),
         (cfg.learner.optim.zero_stage in (0, 1, 2, 3), "learner.optim.zero_stage must be 0..3"),
-        (cfg.model.arch in ("internvl", "qwen2_vl"), "model.arch must be internvl or qwen2_vl"),
-        (cfg.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
+        one_of(cfg.model.arch, ("internvl", "qwen2_vl"), "model.arch"),
+        (cfg.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
+        (cfg.reward.workers >= 1, "reward.workers must be >= 1"),
+        one_of(cfg.evaluation.protocol, ("",) + PROTOCOLS, "evaluation.protocol"),
+        one_of(cfg.evaluation.mode, mmmu.MODES, "evaluation.mode"),
+        (cfg.evaluation.max_tokens >= 1, "evaluation.max_tokens must be >= 1"),
+        (cfg.evaluation.temperature >= 0, "evaluation.temperature must be >= 0"),
+        (len(cfg.stages) >= 1, "stages must list at least one stage"),
+        (len({s.name for s in cfg.stages}) == len(cfg.stages), "stage names must be unique"),
     ]
+    for i, stage in enumerate(cfg.stages):
+        key = f"stages.{i} ({stage.name})"
+        checks += [
+            one_of(stage.kind, STAGE_KINDS, f"{key}.kind"),
+            (bool(stage.trainable) and set(stage.trainable) <= set(GROUPS),
+             f"{key}.trainable must be a non-empty subset of {list(GROUPS)}, got {stage.trainable}"),
+            (stage.batch_size >= 1, f"{key}.batch_size must be >= 1"),
+            (stage.optim.lr > 0, f"{key}.optim.lr must be > 0"),
+            one_of(stage.optim.schedule, LR_SCHEDULES, f"{key}.optim.schedule"),
+            (0 <= stage.optim.warmup_ratio < 1, f"{key}.optim.warmup_ratio must be in [0, 1)"),
+            (0 <= stage.optim.min_lr_ratio <= 1, f"{key}.optim.min_lr_ratio must be in [0, 1]"),
+            (len(stage.optim.betas) == 2 and all(0 <= b < 1 for b in stage.optim.betas),
+             f"{key}.optim.betas must be two numbers in [0, 1)"),
+            (stage.sampling.n >= 2 or stage.kind != "grpo", f"{key}.sampling.n must be >= 2 for group advantages"),
+            (stage.sampling.temperature > 0, f"{key}.sampling.temperature must be > 0"),
+            (0 < stage.sampling.top_p <= 1, f"{key}.sampling.top_p must be in (0, 1]"),
+            (stage.sampling.max_tokens >= 1 and all(v >= 1 for v in stage.sampling.max_tokens_schedule.values()),
+             f"{key}.sampling.max_tokens (and its schedule) must be >= 1"),
+            one_of(stage.algo.adv_estimator, algos.ADVANTAGE_ESTIMATORS, f"{key}.algo.adv_estimator"),
+            one_of(stage.algo.policy_loss, algos.POLICY_LOSSES, f"{key}.algo.policy_loss"),
+            one_of(stage.algo.loss_agg_mode, algos.LOSS_AGG_MODES, f"{key}.algo.loss_agg_mode"),
+            one_of(stage.algo.kl_estimator, algos.KL_ESTIMATORS, f"{key}.algo.kl_estimator"),
+            (stage.algo.kl_coef >= 0, f"{key}.algo.kl_coef must be >= 0"),
+            (stage.algo.clip_low > 0 and stage.algo.clip_high > 0, f"{key}.algo.clip_low/clip_high must be > 0"),
+            (stage.algo.updates_per_batch >= 1, f"{key}.algo.updates_per_batch must be >= 1"),
+            (stage.end.max_steps >= 1, f"{key}.end.max_steps (the hard maximum) must be >= 1"),
+            (stage.end.max_epochs >= 0, f"{key}.end.max_epochs must be >= 0"),
+            one_of(stage.end.threshold.mode, ("above", "below"), f"{key}.end.threshold.mode"),
+            (stage.end.threshold.window >= 1, f"{key}.end.threshold.window must be >= 1"),
+            one_of(stage.end.early_stop.mode, ("max", "min"), f"{key}.end.early_stop.mode"),
+            (stage.end.early_stop.patience >= 1, f"{key}.end.early_stop.patience must be >= 1"),
+            (not stage.end.early_stop.metric or stage.eval_every >= 1,
+             f"{key}.end.early_stop needs {key}.eval_every >= 1 (it watches evaluations)"),
+            (stage.eval_every >= 0 and stage.save_every >= 0, f"{key}.eval_every/save_every must be >= 0"),
+            (all(src.weight > 0 and src.path for src in stage.data.train),
+             f"{key}.data.train entries need a path and a weight > 0"),
+            (set(stage.data.filter.answer_type) <= set(ANSWER_TYPES),
+             f"{key}.data.filter.answer_type must be a subset of {list(ANSWER_TYPES)}"),
+        ]
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ConfigError("bad config: " + "; ".join(errors))

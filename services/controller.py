@@ -1,5 +1,6 @@
-"""The controller: the single driver of a run. It owns the step loop, the data cursor, checkpoints and
-metrics, and never holds model weights (DESIGN.md). Data flows one way:
+"""The controller: the single driver of a run. A run is a list of stages (services.stages); the
+controller owns the stage loop, the data, checkpoints, evaluations and metrics, and never holds model
+weights (DESIGN.md). Data flows one way:
 controller -> rollout actors -> reward actor -> controller (advantages) -> learner group -> weights back.
 """
 from __future__ import annotations
@@ -7,10 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import ray
@@ -19,17 +19,20 @@ import torch
 from actors.learner_actor import LearnerGroup
 from actors.reward_actor import RewardActor
 from actors.rollout_actor import RolloutActor
-from learner import algos
 from learner.types import TrainBatch, TrainSample
 from reward.types import RewardResult, ScoreRequest
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
-from services.config import RunConfig, to_yaml
-from services.datasets import load_problems
-from services.problems import Problem
+from services.config import RunConfig, StageConfig, to_yaml
+from services.data.loading import load_problems
+from services.data.mix import MixSampler, ProblemFilter
+from services.data.problems import Problem
+from services.evaluation import EvalOptions, evaluate_problems
+from services.stages import EndRule, StageKind, get_stage_kind
 from services.tracking import JsonlBackend, Tracker
 
 REWARD_CPUS = 0.1
+PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
 
 
 @dataclass
@@ -39,6 +42,36 @@ class EvalResult:
     unparsed_rate: float
     n: int
     by_subject: dict[str, float]
+    sft_loss: float = float("nan")
+
+
+@dataclass
+class StagePlan:
+    """A stage's config with its data loaded and checked (before any actor starts)."""
+
+    cfg: StageConfig
+    kind: type[StageKind]
+    sources: list[list[Problem]]
+    weights: list[float]
+    heldout: dict[str, list[Problem]] = field(default_factory=dict)
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return sum(len(s) for s in self.sources) / self.cfg.batch_size
+
+
+def start_local_ray(attempts: int = 3, **options) -> None:
+    """ray.init for a one-machine run. On a loaded machine Ray's node start-up can time out while its
+    agents import ("The current node timed out during startup"); that is retried, not fatal."""
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(include_dashboard=False, **options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a start-up timeout
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            ray.shutdown()
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -52,17 +85,26 @@ def _chunks(items: list, n: int) -> list[list]:
     return out
 
 
+def shard_batch(samples: list[TrainSample], ranks: int) -> list[TrainBatch]:
+    """One shard per learner rank; a rank left empty (fewer samples than ranks) gets a zero-weight copy
+    that runs the collectives but counts nowhere, so no real sample counts twice."""
+    shards = _chunks(samples, ranks)
+    pad = TrainSample(samples[0].prompt_token_ids, samples[0].response_token_ids, samples[0].images, 0.0, weight=0.0)
+    return [TrainBatch(s or [pad]) for s in shards]
+
+
 class Controller:
     def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
         self.cfg, self.run_dir, self.log = cfg, run_dir, log
-        self.rng = random.Random(cfg.trainer.seed)
         self.on_gpu = torch.cuda.is_available() or cfg.rollout.num_gpus_per_actor > 0
         self.skipped: Counter = Counter()
-        self.tracker = Tracker([JsonlBackend(run_dir / "metrics.jsonl")])
+        self.dirty = False  # the learner holds weights the engines have not received
+        self._loaded: dict[tuple[str, bool], list[Problem]] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
-    def prepare(self) -> None:
-        """Model and data: real ones from their paths, else the embedded default built into the run."""
+    def prepare(self) -> list[StagePlan]:
+        """Model and data: real ones from their paths, else the embedded default built into the run.
+        Every stage's data is loaded and checked here, before any actor starts."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -71,39 +113,69 @@ class Controller:
 
             cfg.model.path = str(make_model(self.run_dir / "model", cfg.model.arch, cfg.model.seed))
         if not cfg.data.train:
-            from services.synthetic import make_dataset
+            from services.data.synthetic import make_dataset
 
             make_dataset(self.run_dir / "data", cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks,
                          image_size=cfg.data.image_size, seed=cfg.data.seed)
             cfg.data.train = str(self.run_dir / "data" / "train.parquet")
             cfg.data.heldout = cfg.data.heldout or str(self.run_dir / "data" / "heldout.parquet")
-        self.train = self._load(cfg.data.train, "train")
-        self.heldout = self._load(cfg.data.heldout, "heldout") if cfg.data.heldout else []
+        plans = [self._plan(stage) for stage in cfg.stages]
+        self.load_processor()
+        self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
+        return plans
+
+    def load_processor(self) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(cfg.model.path)
+        self.processor = AutoProcessor.from_pretrained(self.cfg.model.path)
 
-    def _load(self, path: str, split: str) -> list[Problem]:
-        result = load_problems(path)
-        for reason, count in result.skipped.items():
-            self.skipped[f"{split}/{reason}"] += count
-            self.log(f"[data] {split}: skipped {count} rows ({reason})")
-        if not result.problems:
-            raise ValueError(f"no usable problems in {path} (skipped: {dict(result.skipped)})")
-        return result.problems
+    def _plan(self, stage: StageConfig) -> StagePlan:
+        kind = get_stage_kind(stage.kind)
+        where = f"stage {stage.name!r} ({stage.kind})"
+        paths = [(s.path, s.weight) for s in stage.data.train] or [(self.cfg.data.train, 1.0)]
+        keep = ProblemFilter(tuple(stage.data.filter.subject), tuple(stage.data.filter.difficulty),
+                             tuple(stage.data.filter.answer_type))
+        loaded = []
+        for path, _ in paths:
+            problems = keep.apply(self._load(path, "train", kind.needs_solution))
+            if not problems:
+                raise ValueError(f"{where}: no training problems left in {path} after the filter "
+                                 f"{asdict(stage.data.filter)}")
+            loaded.append(problems)
+        heldout_paths = stage.data.heldout or ([self.cfg.data.heldout] if self.cfg.data.heldout else [])
+        heldout = {}
+        for i, path in enumerate(heldout_paths):
+            problems = self._load(path, "heldout", False)
+            if self.cfg.evaluation.limit:
+                problems = problems[:self.cfg.evaluation.limit]
+            heldout[PRIMARY_HELDOUT if i == 0 else Path(path).stem] = problems
+        return StagePlan(stage, kind, loaded, [w for _, w in paths], heldout)
 
-    def start_actors(self) -> None:
+    def _load(self, path: str, split: str, require_solution: bool) -> list[Problem]:
+        key = (path, require_solution)
+        if key not in self._loaded:
+            result = load_problems(path, require_solution=require_solution)
+            for reason, count in result.skipped.items():
+                self.skipped[f"{split}/{reason}"] += count
+                self.log(f"[data] {path}: skipped {count} rows ({reason})")
+            if not result.problems:
+                raise ValueError(f"no usable problems in {path} (skipped: {dict(result.skipped)})")
+            self._loaded[key] = result.problems
+        return self._loaded[key]
+
+    def start_actors(self, learners: bool = True) -> None:
+        """Rollout actors and the reward actor, and (unless only generating) the learner group."""
         cfg = self.cfg
+        ranks = cfg.learner.num_ranks if learners else 0
         needed = {"CPU": cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + REWARD_CPUS
-                  + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank,
-                  "GPU": cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor
-                  + cfg.learner.num_ranks * cfg.learner.num_gpus_per_rank}
+                  + ranks * cfg.learner.num_cpus_per_rank,
+                  "GPU": cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor + ranks * cfg.learner.num_gpus_per_rank}
         if not ray.is_initialized():
             if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster, e.g. under `ray job submit`
                 ray.init(address=cfg.ray_address or None)
             else:  # a laptop: let every actor be placed even when the fractions add up past the cores
-                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed["CPU"])), include_dashboard=False,
-                         log_to_driver=cfg.worker_logs_to_console)
+                start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed["CPU"])),
+                                log_to_driver=cfg.worker_logs_to_console)
         have = ray.cluster_resources()
         short = {k: (v, have.get(k, 0.0)) for k, v in needed.items() if v > have.get(k, 0.0) + 1e-9}
         if short:
@@ -115,7 +187,7 @@ class Controller:
             for _ in range(cfg.rollout.num_actors)
         ]
         self.reward = RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward)
-        self.learners = LearnerGroup(cfg.model.path, cfg.learner.optim, cfg.learner.num_ranks,
+        self.learners = None if not learners else LearnerGroup(cfg.model.path, cfg.learner.optim, cfg.learner.num_ranks,
                                      cfg.learner.num_cpus_per_rank, cfg.learner.num_gpus_per_rank,
                                      cfg.learner.master_port)
         self.versions()  # waits until every engine is up
@@ -123,7 +195,7 @@ class Controller:
     def versions(self) -> list[int]:
         return ray.get([a.weights_version.remote() for a in self.rollouts])
 
-    # ---- one rollout round -------------------------------------------------------------------------
+    # ---- what stage kinds call ---------------------------------------------------------------------
     def _requests(self, problems: list[Problem]) -> list[RolloutRequest]:
         return [RolloutRequest(p.id, render_prompt(self.processor, p.question, self.cfg.data.system_prompt),
                                p.images) for p in problems]
@@ -142,53 +214,18 @@ class Controller:
                                  problems[t.prompt_id].options) for t in trajectories]
         return ray.get(self.reward.score_batch.remote(requests))
 
-    # ---- phases ------------------------------------------------------------------------------------
-    def evaluate(self, problems: list[Problem], limit: int = 0) -> EvalResult:
-        """Greedy (eval_temperature) held-out accuracy through the rollout actors: no extra model copy."""
-        problems = problems[:limit] if limit else problems
-        sampling = SamplingConfig(n=1, temperature=self.cfg.rollout.eval_temperature,
-                                  max_tokens=self.cfg.rollout.max_tokens, seed=self.cfg.trainer.seed)
-        trajs = self.generate(problems, sampling)
-        by_id = {p.id: p for p in problems}
-        results = self.score(by_id, trajs)
-        subjects: dict[str, list[float]] = {}
-        for t, r in zip(trajs, results):
-            subjects.setdefault(by_id[t.prompt_id].subject, []).append(r.parts["accuracy"])
-        n = len(results)
-        return EvalResult(
-            accuracy=sum(r.parts["accuracy"] for r in results) / n,
-            format_rate=sum(r.parts["format"] for r in results) / n,
-            unparsed_rate=sum(r.parsed is None for r in results) / n, n=n,
-            by_subject={s: sum(v) / len(v) for s, v in sorted(subjects.items())},
-        )
-
-    def _prompt_ids(self, problem: Problem) -> list[int]:
+    def sft_sample(self, problem: Problem) -> TrainSample:
+        """Prompt ids as the engine builds them (images expanded) and the problem's solution as target."""
         text = render_prompt(self.processor, problem.question, self.cfg.data.system_prompt)
-        images = decode_images(problem.images) or None
-        return list(self.processor(text=[text], images=images)["input_ids"][0])
-
-    def warmup(self) -> None:
-        """Cold-start SFT (P3 §2.3) through the same learner group: loss on response tokens only, so a
-        random-init model produces the <think>…</think> \\boxed{} format before RL."""
-        from services.synthetic import reference_solution
-
-        t = self.cfg.trainer
-        if t.sft_steps == 0:
-            return
-        self.learners.set_lr(t.sft_lr)
+        prompt_ids = list(self.processor(text=[text], images=decode_images(problem.images) or None)["input_ids"][0])
         tok = self.processor.tokenizer
-        start = time.time()
-        for step in range(1, t.sft_steps + 1):
-            batch = self.rng.sample(self.train, min(t.sft_batch_size, len(self.train)))
-            samples = [TrainSample(self._prompt_ids(p), tok(reference_solution(p) + tok.eos_token,
-                                                            add_special_tokens=False)["input_ids"], p.images)
-                       for p in batch]
-            metrics = self.learners.train_step([TrainBatch(s, "sft") for s in _chunks(samples, self.cfg.learner.num_ranks)])
-            if step == 1 or step % 10 == 0 or step == t.sft_steps:
-                self.log(f"[sft] step {step}/{t.sft_steps} loss {metrics['actor/loss']:.3f} "
-                         f"({time.time() - start:.0f}s)")
-        self.learners.set_lr(self.cfg.learner.optim.lr)
-        self.sync()
+        return TrainSample(prompt_ids, tok(problem.solution + tok.eos_token, add_special_tokens=False)["input_ids"],
+                           problem.images)
+
+    def train(self, samples: list[TrainSample]) -> dict[str, float]:
+        metrics = self.learners.train_step(shard_batch(samples, self.cfg.learner.num_ranks))
+        self.dirty = True
+        return metrics
 
     def sync(self) -> dict[str, float]:
         """Learner -> every rollout actor, then check the version landed everywhere and probe logprobs."""
@@ -197,6 +234,7 @@ class Controller:
         versions = self.versions()
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync to version {version} failed: actors report {versions}")
+        self.dirty = False
         metrics = {"sync/version": version, "timing_s/sync": time.time() - start}
         if self.cfg.trainer.probe_every:
             metrics["sync/logprob_diff_max"] = self.probe()
@@ -204,7 +242,7 @@ class Controller:
 
     def probe(self) -> float:
         """Max |logprob(vLLM) - logprob(learner)| over a fixed sequence with an image, on every engine."""
-        problem = self.heldout[0] if self.heldout else self.train[0]
+        problem = self.probe_problem
         text = render_prompt(self.processor, problem.question, self.cfg.data.system_prompt)
         text += "<think>Let me look at the image.</think> \\boxed{1}" + self.processor.tokenizer.eos_token
         learner_ids, learner_lp = self.learners.probe_logprobs(text, problem.images)
@@ -215,114 +253,136 @@ class Controller:
             worst = max(worst, max(abs(a - b) for a, b in zip(lp, learner_lp)))
         return worst
 
-    def grpo_step(self, step: int) -> dict[str, float]:
-        cfg, t = self.cfg, self.cfg.trainer
-        start = time.time()
-        problems = self.rng.sample(self.train, min(t.prompts_per_step, len(self.train)))
-        sampling = SamplingConfig(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  max_tokens=cfg.rollout.max_tokens, seed=t.seed * 100_003 + step)
-        trajs = self.generate(problems, sampling)
-        t_gen = time.time()
-        by_id = {p.id: p for p in problems}
-        results = self.score(by_id, trajs)
-        t_reward = time.time()
-        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
-        group_ids = [tr.prompt_id for tr in trajs]
-        adv = algos.get_advantage_estimator("grpo")(rewards, group_ids, norm_by_std=t.norm_adv_by_std)
-        samples = [TrainSample(tr.prompt_token_ids, tr.response_token_ids, tr.images, float(a))
-                   for tr, a in zip(trajs, adv.tolist())]
-        kept = self._keep(samples, group_ids, rewards)
-        metrics = self._reward_metrics(trajs, results, len(kept))
-        if kept:
-            shards = _chunks(kept, cfg.learner.num_ranks)
-            if any(not s for s in shards):  # fewer samples than ranks: keep every rank busy
-                shards = [s or kept[:1] for s in shards]
-            metrics.update(self.learners.train_step([TrainBatch(s, "grpo") for s in shards]))
-            t_train = time.time()
-            metrics.update(self.sync())
-        else:
-            t_train = time.time()
-            metrics.update({"sync/version": self.versions()[0], "timing_s/sync": 0.0})
-        tokens = sum(len(tr.response_token_ids) + len(tr.prompt_token_ids) for tr in trajs)
-        metrics.update({"timing_s/gen": t_gen - start, "timing_s/reward": t_reward - t_gen,
-                        "timing_s/train": t_train - t_reward, "timing_s/step": time.time() - start,
-                        "perf/tokens_per_s": tokens / max(time.time() - start, 1e-9)})
+    # ---- evaluation: the one judge -----------------------------------------------------------------
+    def evaluate(self, problems: list[Problem]) -> EvalResult:
+        """Held-out accuracy as `vireo eval` computes it (services.evaluation.evaluate_problems), with the
+        rollout actors generating and the reward actor judging by the benchmark protocol."""
+        if self.dirty:
+            self.sync()
+        ev = self.cfg.evaluation
+        options = EvalOptions(protocol=ev.protocol, mode=ev.mode, temperature=ev.temperature,
+                              max_tokens=ev.max_tokens, seed=self.cfg.trainer.seed,
+                              system_prompt=self.cfg.data.system_prompt)
+        _, summary = evaluate_problems(
+            problems, self.generate,
+            lambda rows, protocol, mode: ray.get(self.reward.score_benchmark.remote(rows, protocol, mode)), options)
+        with_solution = [p for p in problems if p.solution]
+        sft_loss = float("nan")
+        if with_solution:
+            shards = shard_batch([self.sft_sample(p) for p in with_solution], self.cfg.learner.num_ranks)
+            sft_loss = self.learners.validation_loss(shards)["loss"]
+        return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
+                          unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
+                          by_subject={s: v["acc"] for s, v in summary["subjects"].items()}, sft_loss=sft_loss)
+
+    def evaluate_heldout(self, name: str, step: int, stage: str, sets: dict[str, list[Problem]], report: dict,
+                         checkpoint: str | None = None) -> dict[str, float]:
+        """Every held-out set of a stage; figures go to report["eval"] (with the checkpoint saved at that
+        step, when there is one) and come back as eval/<set>/<figure> metrics."""
+        metrics: dict[str, float] = {}
+        for set_name, problems in sets.items():
+            result = self.evaluate(problems)
+            report["eval"].append({"name": name, "stage": stage, "set": set_name, "step": step,
+                                   "checkpoint": checkpoint, **asdict(result)})
+            self.log(f"[eval] {name} {set_name}: accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
+                     f"n={result.n}) {result.by_subject}")
+            metrics.update({f"eval/{set_name}/accuracy": result.accuracy,
+                            f"eval/{set_name}/unparsed_rate": result.unparsed_rate,
+                            f"eval/{set_name}/format": result.format_rate,
+                            f"eval/{set_name}/sft_loss": result.sft_loss})
         return metrics
-
-    def _keep(self, samples: list[TrainSample], group_ids: list[str], rewards: torch.Tensor) -> list[TrainSample]:
-        """Dynamic filtering (DAPO-style, P3 §5.5): groups whose rewards are all equal carry no signal."""
-        if not self.cfg.trainer.drop_uniform_groups:
-            return samples
-        by_group: dict[str, list[float]] = {}
-        for g, r in zip(group_ids, rewards.tolist()):
-            by_group.setdefault(g, []).append(r)
-        informative = {g for g, rs in by_group.items() if max(rs) > min(rs)}
-        return [s for s, g in zip(samples, group_ids) if g in informative]
-
-    def _reward_metrics(self, trajs: list[Trajectory], results: list[RewardResult], kept: int) -> dict[str, float]:
-        n = len(results)
-        lengths = [len(t.response_token_ids) for t in trajs]
-        return {
-            "reward/mean": sum(r.score for r in results) / n,
-            "reward/accuracy": sum(r.parts["accuracy"] for r in results) / n,
-            "reward/format": sum(r.parts["format"] for r in results) / n,
-            "reward/unparsed_rate": sum(r.parsed is None for r in results) / n,
-            "response_length/mean": sum(lengths) / n,
-            "response_length/clip_rate": sum(t.finish_reason == "length" for t in trajs) / n,
-            "batch/kept_fraction": kept / n,
-        }
 
     # ---- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:
-        cfg, t = self.cfg, self.cfg.trainer
-        self.prepare()
-        self.log(f"[run] {cfg.name}: model {cfg.model.path}, {len(self.train)} train / {len(self.heldout)} "
-                 f"held-out problems, {cfg.rollout.num_actors} rollout actors, {cfg.learner.num_ranks} learner ranks")
+        cfg = self.cfg
+        plans = self.prepare()
+        self.tracker = Tracker([JsonlBackend(self.run_dir / "metrics.jsonl")])
+        self.log(f"[run] {cfg.name}: model {cfg.model.path}, stages "
+                 + " -> ".join(f"{p.cfg.name} ({p.cfg.kind})" for p in plans)
+                 + f", {cfg.rollout.num_actors} rollout actors, {cfg.learner.num_ranks} learner ranks")
         self.start_actors()
-        report: dict = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "eval": []}
-        before = self.evaluate_heldout("initial", 0, report)
-        self.warmup()
-        after_sft = self.evaluate_heldout("after_sft", 0, report) if t.sft_steps else before
-        start = time.time()
-        final = after_sft
-        for step in range(1, t.steps + 1):
-            metrics = self.grpo_step(step)
+        report: dict = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "eval": [], "stages": []}
+        initial = self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
+        report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
+        step = 0
+        for index, plan in enumerate(plans):
+            step = self.run_stage(index, plan, step, report)
+        last = report["stages"][-1]
+        report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
+                       "data_skipped": dict(self.skipped)})
+        self._write_report(report)
+        self.tracker.close()
+        return report
+
+    def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict) -> int:
+        """One stage from its first step to its end rule; returns the run's step count after it."""
+        cfg = plan.cfg
+        seed = self.cfg.trainer.seed * 1_000 + index
+        kind = plan.kind(self, cfg, MixSampler(plan.sources, plan.weights, seed))
+        end = EndRule(cfg.end, plan.steps_per_epoch)
+        trainable = self.learners.begin_stage(kind.spec(end.limit))
+        self.log(f"[stage] {cfg.name} ({cfg.kind}) starts at step {start_step}: trains {', '.join(cfg.trainable)} "
+                 f"({sum(trainable.values()):,} parameters), lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
+                 f"at most {end.limit} steps ({end.limit_reason})")
+        self.tracker.log(start_step, {"event": "stage_start", "stage": cfg.name, "stage_index": index})
+        started, step, reason = time.time(), 0, None
+        while reason is None:
+            step += 1
+            metrics = kind.step(step, start_step + step)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
-            checkpoint = None
-            if step == t.steps or (t.save_every and step % t.save_every == 0):
-                checkpoint = str(self.run_dir / "checkpoints" / ("final" if step == t.steps else f"step_{step}"))
-                self.learners.save_hf(checkpoint)
-            if step == t.steps or (t.eval_every and step % t.eval_every == 0):
-                final = self.evaluate_heldout(f"step_{step}", step, report, checkpoint)
-                metrics.update(self._eval_metrics(final))
-            self.tracker.log(step, metrics)
-            eta = (time.time() - start) / step * (t.steps - step)
-            self.log(f"[grpo] step {step}/{t.steps} reward {metrics['reward/mean']:.3f} "
+            metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs})
+            reason = end.after_step(step, metrics)
+            if cfg.save_every and step % cfg.save_every == 0 and reason is None:
+                self._save(f"{cfg.name}-step{start_step + step}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and reason is None:
+                metrics.update(self.evaluate_heldout(f"{cfg.name} step {step}", start_step + step, cfg.name,
+                                                     plan.heldout, report))
+                reason = end.after_eval(metrics)
+            self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
+            self._progress(cfg, step, end.limit, metrics, started)
+        checkpoint = self._save(cfg.name)
+        final = self.evaluate_heldout(f"{cfg.name} end", start_step + step, cfg.name, plan.heldout, report,
+                                      checkpoint)
+        self.tracker.log(start_step + step, {"stage": cfg.name, "event": "stage_end", "reason": reason, **final})
+        report["stages"].append({
+            "name": cfg.name, "kind": cfg.kind, "start_step": start_step, "end_step": start_step + step,
+            "end_reason": reason, "end_detail": end.detail, "trainable": list(cfg.trainable),
+            "heldout_accuracy": final.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan")),
+            "checkpoint": checkpoint, "seconds": round(time.time() - started, 1)})
+        self.log(f"[stage] {cfg.name} ended at step {start_step + step} after {step} steps: {reason} ({end.detail})")
+        self._write_report(report)
+        return start_step + step
+
+    def _save(self, name: str) -> str:
+        path = str(self.run_dir / "checkpoints" / name)
+        self.learners.save_hf(path)
+        return path
+
+    def _write_report(self, report: dict) -> None:
+        """report.json is rewritten after every stage, so a run that fails later keeps its evaluations."""
+        tmp = self.run_dir / "report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(self.run_dir / "report.json")
+
+    def _progress(self, cfg: StageConfig, step: int, limit: int, metrics: dict, started: float) -> None:
+        eta = (time.time() - started) / step * (limit - step)
+        if cfg.kind == "grpo":
+            self.log(f"[{cfg.name}] step {step}/{limit} reward {metrics['reward/mean']:.3f} "
                      f"acc {metrics['reward/accuracy']:.3f} fmt {metrics['reward/format']:.3f} "
                      f"entropy {metrics.get('actor/entropy', float('nan')):.3f} "
                      f"diff {metrics.get('sync/logprob_diff_max', float('nan')):.1e} "
                      f"step {metrics['timing_s/step']:.1f}s eta {eta:.0f}s")
-        if t.steps == 0:  # warm-up only: its weights are the final checkpoint
-            self.learners.save_hf(str(self.run_dir / "checkpoints" / "final"))
-        report.update({"heldout_accuracy_initial": before.accuracy, "heldout_accuracy_after_sft": after_sft.accuracy,
-                       "heldout_accuracy_final": final.accuracy, "data_skipped": dict(self.skipped),
-                       "final_checkpoint": str(self.run_dir / "checkpoints" / "final")})
-        (self.run_dir / "report.json").write_text(json.dumps(report, indent=1))
-        self.tracker.close()
-        return report
+        elif step == 1 or step % 10 == 0 or step == limit:
+            self.log(f"[{cfg.name}] step {step}/{limit} loss {metrics.get('actor/loss', float('nan')):.3f} "
+                     f"lr {metrics.get('actor/lr', float('nan')):.2e} ({time.time() - started:.0f}s, eta {eta:.0f}s)")
 
-    def evaluate_heldout(self, name: str, step: int, report: dict, checkpoint: str | None = None) -> EvalResult:
-        """Held-out figures go to the tracker and to report["eval"], with the checkpoint saved at that step
-        (when there is one) so checkpoints can be selected from the report."""
-        if not self.heldout:
-            return EvalResult(float("nan"), float("nan"), float("nan"), 0, {})
-        result = self.evaluate(self.heldout, self.cfg.trainer.eval_limit)
-        report["eval"].append({"name": name, "step": step, "checkpoint": checkpoint, **asdict(result)})
-        self.log(f"[eval] {name}: held-out accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
-                 f"n={result.n}) {result.by_subject}")
-        return result
 
-    @staticmethod
-    def _eval_metrics(result: EvalResult) -> dict[str, float]:
-        return {"eval/heldout/accuracy": result.accuracy, "eval/heldout/unparsed_rate": result.unparsed_rate,
-                "eval/heldout/format": result.format_rate}
+def stage_table(report: dict) -> str:
+    """Per stage: steps, end reason and held-out accuracy at its end (printed at the end of a run)."""
+    lines = [f"{'stage':<14}{'kind':<6}{'steps':>12}  {'end':<11}{'trainable':<24}{'held-out':>9}",
+             f"{'(initial)':<14}{'':<6}{'':>12}  {'':<11}{'':<24}{report['heldout_accuracy_initial']:>9.3f}"]
+    for s in report["stages"]:
+        steps = f"{s['start_step'] + 1}-{s['end_step']}"
+        lines.append(f"{s['name']:<14}{s['kind']:<6}{steps:>12}  {s['end_reason']:<11}"
+                     f"{','.join(s['trainable']):<24}{s['heldout_accuracy']:>9.3f}")
+    return "\n".join(lines)

@@ -3,15 +3,18 @@ training), score with the same code as `vireo score` and the reward actor, write
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from reward.benchmark import score_rows
+from reward.format_scorer import score_format
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
-from rollout.types import RolloutRequest, SamplingConfig
+from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from rollout.vllm_adapter import EngineOptions
-from services.datasets import load_problems
-from services.problems import Problem
-from services.scoring import format_summary, progress_bar, score_rows
+from services.data.loading import load_problems
+from services.data.problems import Problem
+from services.scoring import format_summary, progress_bar
 
 
 @dataclass
@@ -34,6 +37,29 @@ def problem_row(problem: Problem, response: str) -> dict:
             "response": response}
 
 
+Generate = Callable[[list[Problem], SamplingConfig], list[Trajectory]]
+Score = Callable[[list[dict], str, str], tuple[list[dict], dict]]
+
+
+def protocol_for(problems: list[Problem], protocol: str = "") -> str:
+    """The protocol asked for, else mmmu for MMMU-schema data and math otherwise."""
+    return protocol or ("mmmu" if problems and problems[0].source == "MMMU" else "math")
+
+
+def evaluate_problems(problems: list[Problem], generate: Generate, score: Score,
+                      options: EvalOptions) -> tuple[list[dict], dict]:
+    """The one judge: responses from `generate` (the rollout actors during training, a local engine in
+    `vireo eval`), scored by the benchmark protocol through `score` (reward.benchmark.score_rows, in the
+    reward actor during training). Returns the scored rows and the summary, which adds the format rate."""
+    protocol = protocol_for(problems, options.protocol)
+    sampling = SamplingConfig(n=1, temperature=options.temperature, max_tokens=options.max_tokens,
+                              seed=options.seed)
+    responses = {t.prompt_id: t.response_text for t in generate(problems, sampling)}
+    rows, summary = score([problem_row(p, responses[p.id]) for p in problems], protocol, options.mode)
+    summary["format_rate"] = sum(score_format(p["response"]) for p in rows) / max(len(rows), 1)
+    return rows, summary
+
+
 def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_dir: str | None = None,
                    engine_options: EngineOptions | None = None) -> dict:
     from rollout.engine import RolloutEngine  # starts vLLM; imported here so `vireo score` stays light
@@ -42,21 +68,22 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
     problems = loaded.problems
     if not problems:
         raise ValueError(f"no usable problems in {data_path} (skipped: {dict(loaded.skipped)})")
-    protocol = options.protocol or ("mmmu" if problems[0].source == "MMMU" else "math")
     engine = RolloutEngine(model_path, engine_options or EngineOptions(max_images_per_prompt=max(
         len(p.images) for p in problems) or 1))
-    sampling = SamplingConfig(n=1, temperature=options.temperature, max_tokens=options.max_tokens,
-                              seed=options.seed)
-    responses: dict[str, str] = {}
     progress = progress_bar("[eval] generating")
-    for i in range(0, len(problems), options.batch_size):
-        chunk = problems[i:i + options.batch_size]
-        requests = [RolloutRequest(p.id, render_prompt(engine.processor, p.question, options.system_prompt),
-                                   p.images) for p in chunk]
-        for traj in engine.generate(requests, sampling):
-            responses[traj.prompt_id] = traj.response_text
-        progress(i + len(chunk), len(problems))
-    rows, summary = score_rows([problem_row(p, responses[p.id]) for p in problems], protocol, options.mode)
+
+    def generate(chunk_of: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
+        out: list[Trajectory] = []
+        for i in range(0, len(chunk_of), options.batch_size):
+            chunk = chunk_of[i:i + options.batch_size]
+            out += engine.generate([RolloutRequest(p.id, render_prompt(engine.processor, p.question,
+                                                                       options.system_prompt), p.images)
+                                    for p in chunk], sampling)
+            progress(i + len(chunk), len(chunk_of))
+        return out
+
+    rows, summary = evaluate_problems(problems, generate, lambda r, protocol, mode: score_rows(r, protocol, mode),
+                                      options)
     summary.update(model=model_path, data=str(data_path), data_skipped=dict(loaded.skipped),
                    sampling={"temperature": options.temperature, "max_tokens": options.max_tokens,
                              "seed": options.seed})

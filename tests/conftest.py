@@ -25,8 +25,20 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
-    from services.synthetic import make_dataset
+    from services.data.synthetic import make_dataset
 
     out = tmp_path_factory.mktemp("data")
     make_dataset(out, 64, 16, {"color": 1.0, "count": 1.0, "count_plus": 1.0}, image_size=56, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (tests kill the actors they start)."""
+    import ray
+
+    from services.controller import start_local_ray
+
+    start_local_ray(num_cpus=4)
+    yield
+    ray.shutdown()

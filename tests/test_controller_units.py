@@ -1,8 +1,12 @@
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 from learner.types import TrainSample
 from services.config import load_config
 from services.controller import Controller, _chunks
+from services.data.loading import DataError
+from services.stages import keep_informative
 
 
 def test_chunks_are_contiguous_and_balanced():
@@ -11,10 +15,49 @@ def test_chunks_are_contiguous_and_balanced():
     assert sum(_chunks(list(range(10)), 4), []) == list(range(10))
 
 
-def test_uniform_groups_are_dropped(tmp_path):
-    controller = Controller(load_config(None, []), tmp_path)
+def test_uniform_groups_are_dropped():
     samples = [TrainSample([1], [2], advantage=0.0) for _ in range(6)]
-    kept = controller._keep(samples, ["a", "a", "b", "b", "c", "c"], torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.2]))
+    kept = keep_informative(samples, ["a", "a", "b", "b", "c", "c"], torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.2]))
     assert kept == samples[2:4]
-    controller.cfg.trainer.drop_uniform_groups = False
-    assert controller._keep(samples, ["a"] * 6, torch.zeros(6)) == samples
+
+
+def _sft_on(path, tmp_path, tiny_model_dir, extra=()):
+    cfg = load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={path}",
+                             "stages.0.kind=sft", *extra])
+    return Controller(cfg, tmp_path / "run", log=lambda *_: None)
+
+
+def test_sft_stage_reads_its_targets_from_the_data(tmp_path, tiny_model_dir, tiny_data_dir):
+    controller = _sft_on(tiny_data_dir / "train.parquet", tmp_path, tiny_model_dir)
+    (plan,) = controller.prepare()
+    problem = plan.sources[0][0]
+    assert problem.solution.startswith("<think>") and problem.solution.endswith(f"\\boxed{{{problem.answer}}}")
+    sample = controller.sft_sample(problem)
+    tok = controller.processor.tokenizer
+    assert tok.decode(sample.response_token_ids) == problem.solution + tok.eos_token
+
+
+def test_sft_stage_refuses_data_without_solutions_before_any_actor(tmp_path, tiny_model_dir, tiny_data_dir):
+    table = pq.read_table(tiny_data_dir / "train.parquet").drop_columns(["solution"])
+    bare = tmp_path / "no_solutions.parquet"
+    pq.write_table(table, bare)
+    controller = _sft_on(bare, tmp_path, tiny_model_dir)
+    with pytest.raises(DataError, match=r"no_solutions\.parquet.*'solution' or 'response' column"):
+        controller.prepare()
+    assert not hasattr(controller, "rollouts")
+    # the same file is fine for a grpo stage (rewards need only the answer)
+    grpo = Controller(load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={bare}"]),
+                      tmp_path / "run2", log=lambda *_: None)
+    assert len(grpo.prepare()[0].sources[0]) == table.num_rows
+
+
+def test_stage_filter_and_mix_are_applied(tmp_path, tiny_model_dir, tiny_data_dir):
+    train = tiny_data_dir / "train.parquet"
+    controller = _sft_on(train, tmp_path, tiny_model_dir, [
+        f"stages.0.data.train=[{{path: {train}, weight: 2}}, {{path: {train}, weight: 1}}]",
+        "stages.0.data.filter.subject=[count]"])
+    (plan,) = controller.prepare()
+    assert plan.weights == [2.0, 1.0] and len(plan.sources) == 2
+    assert {p.subject for source in plan.sources for p in source} == {"count"}
+    with pytest.raises(ValueError, match="no training problems left"):
+        _sft_on(train, tmp_path, tiny_model_dir, ["stages.0.data.filter.subject=[geometry]"]).prepare()

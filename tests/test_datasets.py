@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from services.datasets import VIREO_SCHEMA, decode_image, describe, load_problems, write_problems
-from services.problems import IMAGE_PLACEHOLDER, Problem
-from services.synthetic import TASKS, sample_problems
+from rollout.prompts import decode_image
+from services.data.loading import VIREO_SCHEMA, describe, load_problems, write_problems
+from services.data.problems import IMAGE_PLACEHOLDER, Problem
+from services.data.synthetic import TASKS, sample_problems
 
 
 def _png(colour: tuple[int, ...] = (255, 0, 0), mode: str = "RGB") -> bytes:

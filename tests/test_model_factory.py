@@ -4,7 +4,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from learner.param_groups import GROUPS, group_of, set_trainable
 from rollout.prompts import decode_images, image_token_ids, render_prompt
-from services.synthetic import generate_problem
+from services.data.synthetic import generate_problem
 
 
 @pytest.mark.parametrize("arch", ["internvl", "qwen2_vl"])

@@ -9,7 +9,7 @@ from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig
 from rollout.vllm_adapter import EngineOptions
 from rollout.weight_bucket import pack_buckets
-from services.synthetic import generate_problem
+from services.data.synthetic import generate_problem
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from services.scoring import main, score_file, score_rows
+from reward.benchmark import score_rows
+from services.scoring import main, score_file
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"
 OPTIONS = ["cat", "dog", "bird", "fish"]

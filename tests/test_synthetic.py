@@ -7,9 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from services.datasets import decode_image, load_problems
-from services.problems import IMAGE_PLACEHOLDER
-from services.synthetic import (
+from rollout.prompts import decode_image
+from services.data.loading import load_problems
+from services.data.problems import IMAGE_PLACEHOLDER
+from services.data.synthetic import (
     BACKGROUND,
     COLOURS,
     SOURCE,

@@ -11,6 +11,7 @@ Every problem is a pure function of (seed, id), so datasets are reproducible byt
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import random
@@ -22,8 +23,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from services.datasets import LETTERS, decode_image, describe, format_choices, write_problems
-from services.problems import IMAGE_PLACEHOLDER, Problem
+from rollout.prompts import decode_image
+from services.data.loading import LETTERS, describe, format_choices, write_problems
+from services.data.problems import IMAGE_PLACEHOLDER, Problem
 
 SOURCE = "vireo-synthetic"
 BACKGROUND = (255, 255, 255)
@@ -197,10 +199,8 @@ def image_colour(image: bytes) -> str:
 
 
 def reference_solution(problem: Problem) -> str:
-    """The ideal R1-style response (`<think>…</think> \\boxed{answer}`) the supervised warm-up trains on.
-
-    Derived from the question and answer alone, so it also works on problems loaded from parquet.
-    """
+    """The ideal R1-style response (`<think>…</think> \\boxed{answer}`): written into each problem's
+    `solution`, which an SFT stage trains on. Derived from the question, answer and image alone."""
     return _task(problem.subject).solve(problem)
 
 
@@ -208,7 +208,7 @@ def generate_problem(task: str, index: int, *, split: str = "train", seed: int =
     """Problem `index` of a task family in a split; the rng is seeded from (seed, id)."""
     problem_id = f"{task}-{split}-{index:06d}"
     draw = _task(task).generate(random.Random(f"{seed}:{problem_id}"), image_size)
-    return Problem(
+    problem = Problem(
         id=problem_id,
         question=draw.question,
         answer=draw.answer,
@@ -219,6 +219,7 @@ def generate_problem(task: str, index: int, *, split: str = "train", seed: int =
         subject=task,
         source=SOURCE,
     )
+    return dataclasses.replace(problem, solution=reference_solution(problem))
 
 
 def problem_key(problem: Problem) -> tuple[str, str, str]:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGE_PLACEHOLDER = "<image>"
-ANSWER_TYPES = ("numeric", "choice", "math", "open")
+from reward.types import ANSWER_TYPES
+from rollout.prompts import IMAGE_PLACEHOLDER
+
+__all__ = ["ANSWER_TYPES", "IMAGE_PLACEHOLDER", "Problem"]
 
 
 @dataclass(frozen=True)
@@ -14,6 +16,8 @@ class Problem:
     question holds one IMAGE_PLACEHOLDER per image, in order (a loader whose source has no placeholders
     puts them at the start). images are encoded image bytes (PNG/JPEG), decoded only when a prompt is
     built. options are the choice texts for answer_type "choice" (answer is then the letter "A", "B", …).
+    solution is the target response an SFT stage trains on (`<think>…</think> \\boxed{…}`); empty when the
+    source has none.
     """
 
     id: str
@@ -25,4 +29,5 @@ class Problem:
     difficulty: int = 1
     subject: str = ""
     source: str = "vireo"
+    solution: str = ""
     extra: dict = field(default_factory=dict)

@@ -2,12 +2,12 @@
 
 Every loader turns a row into a `Problem` or into a counted skip reason, so one bad row in a
 downloaded benchmark costs a row, not a run. Images travel as encoded bytes inside the table and are
-checked (`PIL.Image.verify`) at load time, so a corrupt image is found before a rollout needs it.
+fully decoded at load time with the one decoder the engine and learner use (rollout.prompts.decode_image),
+so a corrupt or truncated image is found before a rollout needs it.
 """
 from __future__ import annotations
 
 import ast
-import io
 import re
 import string
 from collections import Counter
@@ -18,9 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
-
-from services.problems import ANSWER_TYPES, IMAGE_PLACEHOLDER, Problem
+from rollout.prompts import decode_image
+from services.data.problems import ANSWER_TYPES, IMAGE_PLACEHOLDER, Problem
 
 LETTERS = string.ascii_uppercase
 
@@ -35,8 +34,11 @@ VIREO_SCHEMA = pa.schema(
         ("difficulty", pa.int32()),
         ("subject", pa.string()),
         ("source", pa.string()),
+        ("solution", pa.string()),
     ]
 )
+# Columns an SFT stage reads its target text from, in order of preference.
+SOLUTION_COLUMNS = ("solution", "response")
 
 # Columns that identify each schema (a file may carry more).
 SCHEMA_COLUMNS: dict[str, frozenset[str]] = {
@@ -48,6 +50,10 @@ SCHEMA_COLUMNS: dict[str, frozenset[str]] = {
 _MMMU_PLACEHOLDER = re.compile(r"<image (\d+)>")
 _MMMU_DIFFICULTY = {"Easy": 1, "Medium": 2, "Hard": 3}
 _BATCH_ROWS = 64
+
+
+class DataError(ValueError):
+    """A file that cannot be used at all (names the file and what is wrong)."""
 
 
 class Skip(Exception):
@@ -65,17 +71,6 @@ class LoadResult:
 def format_choices(options: Iterable[str]) -> str:
     """Option lines as MMMU's prompt writes them: "A. red\\nB. blue"."""
     return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes to an RGB image; transparency is flattened onto white, not black."""
-    image = Image.open(io.BytesIO(data))
-    if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def describe(problems: Iterable[Problem]) -> dict[str, Any]:
@@ -104,6 +99,7 @@ def write_problems(path: str | Path, problems: Iterable[Problem]) -> Path:
             "difficulty": p.difficulty,
             "subject": p.subject,
             "source": p.source,
+            "solution": p.solution,
         }
         for p in problems
     ]
@@ -111,11 +107,13 @@ def write_problems(path: str | Path, problems: Iterable[Problem]) -> Path:
     return path
 
 
-def load_problems(path: str | Path, limit: int | None = None) -> LoadResult:
+def load_problems(path: str | Path, limit: int | None = None, require_solution: bool = False) -> LoadResult:
     """Read a parquet file, or every parquet file under a directory, in any known schema.
 
     The schema is detected per file from its columns. Rows that cannot become a valid Problem are
-    counted in `skipped` by reason; `limit` caps the number of problems returned.
+    counted in `skipped` by reason; `limit` caps the number of problems returned. With require_solution
+    (an SFT stage's data) every file must have a solution column (DataError naming file and column
+    otherwise) and rows with an empty one are skipped as "missing_solution".
     """
     path = Path(path)
     if path.is_dir():
@@ -129,7 +127,7 @@ def load_problems(path: str | Path, limit: int | None = None) -> LoadResult:
 
     problems: list[Problem] = []
     skipped: Counter[str] = Counter()
-    for item in _read_files(files):
+    for item in _read_files(files, require_solution):
         if limit is not None and len(problems) >= limit:
             break
         if isinstance(item, Problem):
@@ -139,15 +137,23 @@ def load_problems(path: str | Path, limit: int | None = None) -> LoadResult:
     return LoadResult(problems=problems, skipped=dict(skipped))
 
 
-def _read_files(files: list[Path]) -> Iterator[Problem | str]:
+def _read_files(files: list[Path], require_solution: bool) -> Iterator[Problem | str]:
     """Each row as a valid Problem or as the reason it was skipped."""
     for file in files:
         parquet = pq.ParquetFile(file)
-        read_row = _ROW_READERS[_detect_schema(file, parquet.schema_arrow.names)]
+        columns = parquet.schema_arrow.names
+        read_row = _ROW_READERS[_detect_schema(file, columns)]
+        if require_solution and not set(SOLUTION_COLUMNS) & set(columns):
+            raise DataError(f"{file}: an SFT stage trains on a target text, but the file has no "
+                            f"{' or '.join(repr(c) for c in SOLUTION_COLUMNS)} column (columns: {sorted(columns)}); "
+                            "write one (vireo make-coldstart does) or use the file in a grpo stage")
         rows = (row for batch in parquet.iter_batches(batch_size=_BATCH_ROWS) for row in batch.to_pylist())
         for index, row in enumerate(rows):
             try:
-                yield _validated(read_row(row, file, index))
+                problem = _validated(read_row(row, file, index))
+                if require_solution and not problem.solution:
+                    raise Skip("missing_solution")
+                yield problem
             except Skip as skip:
                 yield skip.args[0]
 
@@ -176,7 +182,7 @@ def _validated(problem: Problem) -> Problem:
         raise Skip("image_mismatch")
     for data in problem.images:
         try:
-            Image.open(io.BytesIO(data)).verify()
+            decode_image(data).load()
         except Exception as error:  # PIL raises many types for undecodable data
             raise Skip("corrupt_image") from error
     return problem
@@ -201,6 +207,10 @@ def _with_placeholders(question: str, n_images: int) -> str:
     return "\n".join([IMAGE_PLACEHOLDER] * n_images + [question])
 
 
+def _solution(row: dict[str, Any]) -> str:
+    return next((_text(row[c]) for c in SOLUTION_COLUMNS if _text(row.get(c))), "")
+
+
 def _difficulty(value: Any, default: int = 1) -> int:
     """An int from 3, "3" or "Level 3"."""
     digits = re.search(r"\d+", _text(value))
@@ -219,6 +229,7 @@ def _read_vireo(row: dict[str, Any], file: Path, index: int) -> Problem:
         difficulty=_difficulty(row.get("difficulty")),
         subject=_text(row.get("subject")),
         source=_text(row.get("source")) or "vireo",
+        solution=_solution(row),
     )
 
 
@@ -285,6 +296,7 @@ def _read_math(row: dict[str, Any], file: Path, index: int) -> Problem:
         difficulty=_difficulty(row.get("level", row.get("difficulty"))),
         subject=_text(row.get("subject") or row.get("subfield")),
         source=_text(row.get("source")) or "math",
+        solution=_solution(row),
     )
 
 

@@ -1,0 +1,188 @@
+"""Stage kinds and end rules: a run is a list of stages (P3 §2: cold-start SFT -> GRPO -> connector-only).
+
+A stage kind is one registered class with `step(step) -> metrics`; the controller owns the loop, the
+checkpoints and the evaluations around it. Kinds talk to the actors only through the controller.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from learner import algos
+from learner.types import LossConfig, StageSpec, TrainSample
+from rollout.types import SamplingConfig
+from services.data.mix import MixSampler
+
+if TYPE_CHECKING:
+    from services.config import EndConfig, StageConfig
+    from services.controller import Controller
+
+STAGE_KINDS: dict[str, type[StageKind]] = {}
+
+
+def register_stage_kind(name: str) -> Callable[[type[StageKind]], type[StageKind]]:
+    def deco(cls: type[StageKind]) -> type[StageKind]:
+        STAGE_KINDS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_stage_kind(name: str) -> type[StageKind]:
+    if name not in STAGE_KINDS:
+        raise ValueError(f"unknown stage kind {name!r}; known: {', '.join(sorted(STAGE_KINDS))}")
+    return STAGE_KINDS[name]
+
+
+class StageKind:
+    """What one step of a stage does. needs_solution: its data must carry target texts (SFT)."""
+
+    needs_solution = False
+    policy_loss: str | None = None  # a kind that fixes its loss (SFT) names it; else the stage's algo
+
+    def __init__(self, controller: Controller, cfg: StageConfig, sampler: MixSampler):
+        self.ctl, self.cfg, self.sampler = controller, cfg, sampler
+
+    def spec(self, total_steps: int) -> StageSpec:
+        cfg = self.cfg
+        loss = LossConfig(**{f.name: getattr(cfg.algo, f.name) for f in dataclasses.fields(LossConfig)})
+        if self.policy_loss:
+            loss = dataclasses.replace(loss, policy_loss=self.policy_loss)
+        return StageSpec(cfg.name, tuple(cfg.trainable), total_steps, cfg.optim, loss)
+
+    def step(self, step: int, global_step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@register_stage_kind("sft")
+class SftStage(StageKind):
+    """Supervised steps on the data's solution texts (loss on response tokens only, P3 §2.3/§2.5)."""
+
+    needs_solution = True
+    policy_loss = "sft"
+
+    def step(self, step: int, global_step: int) -> dict[str, float]:
+        start = time.time()
+        samples = [self.ctl.sft_sample(p) for p in self.sampler.draw(self.cfg.batch_size)]
+        metrics = self.ctl.train(samples)
+        metrics["timing_s/train"] = metrics["timing_s/step"] = time.time() - start
+        return metrics
+
+
+@register_stage_kind("grpo")
+class GrpoStage(StageKind):
+    """Rollouts -> rewards -> group advantages -> policy update -> weights back (P3 §2.4)."""
+
+    def max_tokens(self, step: int) -> int:
+        grown = [tokens for from_step, tokens in sorted(self.cfg.sampling.max_tokens_schedule.items())
+                 if step >= from_step]
+        return grown[-1] if grown else self.cfg.sampling.max_tokens
+
+    def step(self, step: int, global_step: int) -> dict[str, float]:
+        cfg, ctl = self.cfg, self.ctl
+        start = time.time()
+        problems = self.sampler.draw(cfg.batch_size)
+        sampling = SamplingConfig(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                  max_tokens=self.max_tokens(step),
+                                  seed=ctl.cfg.trainer.seed * 100_003 + global_step)
+        trajs = ctl.generate(problems, sampling)
+        t_gen = time.time()
+        results = ctl.score({p.id: p for p in problems}, trajs)
+        t_reward = time.time()
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
+        group_ids = [tr.prompt_id for tr in trajs]
+        adv = algos.get_advantage_estimator(cfg.algo.adv_estimator)(
+            rewards, group_ids, norm_by_std=cfg.algo.norm_adv_by_std)
+        samples = [TrainSample(tr.prompt_token_ids, tr.response_token_ids, tr.images, float(a))
+                   for tr, a in zip(trajs, adv.tolist())]
+        kept = keep_informative(samples, group_ids, rewards) if cfg.algo.drop_uniform_groups else samples
+        metrics = reward_metrics(trajs, results, len(kept))
+        metrics["rollout/max_tokens"] = sampling.max_tokens
+        if kept:
+            metrics.update(ctl.train(kept))
+            t_train = time.time()
+            metrics.update(ctl.sync())
+        else:
+            t_train = time.time()
+            metrics.update({"sync/version": ctl.versions()[0], "timing_s/sync": 0.0})
+        tokens = sum(len(tr.response_token_ids) + len(tr.prompt_token_ids) for tr in trajs)
+        metrics.update({"timing_s/gen": t_gen - start, "timing_s/reward": t_reward - t_gen,
+                        "timing_s/train": t_train - t_reward, "timing_s/step": time.time() - start,
+                        "perf/tokens_per_s": tokens / max(time.time() - start, 1e-9)})
+        return metrics
+
+
+def keep_informative(samples: list[TrainSample], group_ids: list[str], rewards: torch.Tensor) -> list[TrainSample]:
+    """Dynamic filtering (DAPO-style, P3 §5.5): groups whose rewards are all equal carry no signal."""
+    by_group: dict[str, list[float]] = {}
+    for g, r in zip(group_ids, rewards.tolist()):
+        by_group.setdefault(g, []).append(r)
+    informative = {g for g, rs in by_group.items() if max(rs) > min(rs)}
+    return [s for s, g in zip(samples, group_ids) if g in informative]
+
+
+def reward_metrics(trajs, results, kept: int) -> dict[str, float]:
+    n = len(results)
+    lengths = [len(t.response_token_ids) for t in trajs]
+    return {
+        "reward/mean": sum(r.score for r in results) / n,
+        "reward/accuracy": sum(r.parts["accuracy"] for r in results) / n,
+        "reward/format": sum(r.parts["format"] for r in results) / n,
+        "reward/unparsed_rate": sum(r.parsed is None for r in results) / n,
+        "response_length/mean": sum(lengths) / n,
+        "response_length/clip_rate": sum(t.finish_reason == "length" for t in trajs) / n,
+        "batch/kept_fraction": kept / n,
+    }
+
+
+class EndRule:
+    """When a stage ends: its hard max_steps always; sooner by an epoch budget, a threshold on a metric's
+    rolling mean, or early stopping on an evaluation metric with patience. Plain Python (tests call it)."""
+
+    def __init__(self, cfg: EndConfig, steps_per_epoch: float):
+        self.cfg = cfg
+        self.limit, self.limit_reason = cfg.max_steps, "max_steps"
+        if cfg.max_epochs > 0:
+            epoch_steps = max(1, math.ceil(cfg.max_epochs * steps_per_epoch))
+            if epoch_steps < cfg.max_steps:
+                self.limit, self.limit_reason = epoch_steps, "max_epochs"
+        self.window: deque[float] = deque(maxlen=cfg.threshold.window)
+        self.best: float | None = None
+        self.evals_without_gain = 0
+        self.detail = ""
+
+    def after_step(self, step: int, metrics: dict[str, float]) -> str | None:
+        rule = self.cfg.threshold
+        if rule.metric and isinstance(metrics.get(rule.metric), int | float):
+            self.window.append(float(metrics[rule.metric]))
+            mean = sum(self.window) / len(self.window)
+            hit = mean >= rule.value if rule.mode == "above" else mean <= rule.value
+            if len(self.window) == rule.window and hit:
+                self.detail = f"mean {rule.metric} {mean:.4g} over {rule.window} steps {rule.mode} {rule.value:g}"
+                return "threshold"
+        if step >= self.limit:
+            self.detail = f"{self.limit} steps"
+            return self.limit_reason
+        return None
+
+    def after_eval(self, metrics: dict[str, float]) -> str | None:
+        rule = self.cfg.early_stop
+        value = metrics.get(rule.metric) if rule.metric else None
+        if not isinstance(value, int | float) or math.isnan(value):
+            return None
+        sign = 1.0 if rule.mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best) > rule.min_delta:
+            self.best, self.evals_without_gain = value, 0
+            return None
+        self.evals_without_gain += 1
+        if self.evals_without_gain >= rule.patience:
+            self.detail = (f"{rule.metric} did not improve on {self.best:.4g} for {rule.patience} evaluations "
+                           f"(last {value:.4g})")
+            return "early_stop"
+        return None
