@@ -21,8 +21,8 @@ class LearnerActor:
     def begin_stage(self, spec: StageSpec) -> dict[str, int]:
         return self.worker.begin_stage(spec)
 
-    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
-        return self.worker.validation_loss(batch)
+    def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
+        return self.worker.evaluate_responses(batch)
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return self.worker.probe_logprobs(text, images)
@@ -77,8 +77,8 @@ class LearnerGroup:
     def begin_stage(self, spec: StageSpec) -> dict[str, int]:
         return ray.get([a.begin_stage.remote(spec) for a in self.actors])[0]
 
-    def validation_loss(self, shards: list[TrainBatch]) -> dict[str, float]:
-        return ray.get([a.validation_loss.remote(s) for a, s in zip(self.actors, shards, strict=True)])[0]
+    def evaluate_responses(self, shards: list[TrainBatch]) -> dict[str, float]:
+        return ray.get([a.evaluate_responses.remote(s) for a, s in zip(self.actors, shards, strict=True)])[0]
 
     def sync_weights(self, rollout_actors: list) -> int:
         return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0]

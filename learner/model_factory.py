@@ -46,6 +46,7 @@ _CORPUS_WORDS = (
     "user assistant system You are a helpful assistant Think step by step put the final answer in "
     "How many shapes are in the image ? What colour is the shape Add to that number . "
     "The answer is I count so option Wait , Alternatively Hmm let me check again . "
+    "Let me count Yes But However Actually Check wait hmm but however actually check "
     "red green blue yellow purple orange black white circle square triangle star "
     "A B C D E F G H I J + - = * / ( ) { } \\boxed \\frac \\sqrt ^ _ $ : ; ! "
     "is are the a an of to and or not plus minus times equals total sum left right "
@@ -69,7 +70,7 @@ class TinySize:
     vision_heads: int = 2
     image_size: int = 56
     patch_size: int = 14
-    vocab_size: int = 512
+    vocab_size: int = 640  # all merges of the built-in corpus (559 tokens), so every critical word is one token
     max_positions: int = 2048
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from learner import algos
+from learner.critical_tokens import (DEFAULT_CRITICAL_WORDS, DEFAULT_HIGH_ENTROPY, critical_token_ids,
+                                     entropy_metrics, entropy_stats)
 from learner.param_groups import set_trainable
 from learner.schedules import lr_at
 from learner.types import StageSpec, TrainBatch, TrainSample
@@ -38,6 +40,8 @@ class LearnerConfig:
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
     seed: int = 0
+    critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
+    high_entropy: float = DEFAULT_HIGH_ENTROPY
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,6 +73,7 @@ class LearnerWorker:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.processor = AutoProcessor.from_pretrained(model_path)
+        self.critical_ids = sorted(critical_token_ids(self.processor.tokenizer, cfg.critical_words))
         self._model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)).to(
             self.device)
         self.model_type = self._model.config.model_type
@@ -172,7 +177,7 @@ class LearnerWorker:
         logits = model(**inputs).logits[:, :-1].float() / self.cfg.temperature
         logprobs = algos.logprobs_from_logits(logits, labels)
         entropy = algos.entropy_from_logits(logits.detach()) if with_entropy else None
-        return logprobs, entropy, mask
+        return logprobs, entropy, mask, labels
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[TrainSample]]:
         """Split the local shard; every rank runs the same number of micro-batches (collectives must
@@ -209,45 +214,53 @@ class LearnerWorker:
         if global_tokens == 0:
             raise ValueError("training batch has no response tokens with weight > 0")
         updates = spec.loss.updates_per_batch
-        stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ent_sum": 0.0, "ppo_kl_sum": 0.0}
+        stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ppo_kl_sum": 0.0}
+        entropy_sums = [0.0] * 5
         old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
         for update in range(updates):
             for i, chunk in enumerate(micro):
-                logprobs, entropy, mask = self._forward(self.engine, chunk or [_padding(samples[0])],
-                                                        with_entropy=update == 0)
+                logprobs, entropy, mask, labels = self._forward(self.engine, chunk or [_padding(samples[0])],
+                                                                with_entropy=update == 0)
                 loss = self._policy_loss(spec, chunk or [_padding(samples[0])], logprobs, mask,
                                          old_logprobs[i] if old_logprobs else None, global_tokens, global_seqs,
                                          stats)
                 if update == 0:
-                    stats["ent_sum"] += algos.masked_sum(entropy, mask).item()
+                    entropy_sums = self._add_entropy_stats(entropy_sums, entropy, labels, mask)
                 self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 self.engine.backward(loss, scale_wrt_gas=False)
                 self.engine.step()
         self.stage_step += 1
         grad_norm = self.engine.get_global_grad_norm()
-        loss, clip, kl, ent, ppo_kl = self._global_sum(list(stats.values()))
+        loss, clip, kl, ppo_kl, *entropy_sums = self._global_sum(list(stats.values()) + entropy_sums)
         per_update_tokens = global_tokens * updates
         return {"actor/loss": loss / updates, "actor/pg_clipfrac": clip / per_update_tokens,
                 "actor/kl": kl / per_update_tokens, "actor/ppo_kl": ppo_kl / per_update_tokens,
-                "actor/entropy": ent / global_tokens,
+                **entropy_metrics(entropy_sums, "actor"),
                 "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "actor/lr": self.engine.get_lr()[0], "train/tokens": global_tokens,
                 "train/sequences": global_seqs}
 
-    def validation_loss(self, batch: TrainBatch) -> dict[str, float]:
-        """Token-mean NLL of the shard's responses under the current policy, no update (the validation
-        loss an SFT stage's early stopping watches, P3 §2.5)."""
+    def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
+        """The current policy on given responses, no update: their token-mean NLL (on reference solutions,
+        the validation loss an SFT stage's early stopping watches, P3 §2.5) and, on the model's own
+        responses, the entropy figures of learner.critical_tokens."""
         samples = batch.samples or []
         global_tokens, _ = self._global_sum(self._counts(samples))
-        total = 0.0
+        nll, entropy_sums = 0.0, [0.0] * 5
         policy = self._policy()
         policy.eval()
         with torch.no_grad():
             for chunk in self._micro_batches(samples):
-                logprobs, _, mask = self._forward(policy, chunk or [_padding(samples[0])], with_entropy=False)
-                total += algos.masked_sum(-logprobs, mask).item()
-        (total,) = self._global_sum([total])
-        return {"loss": total / max(global_tokens, 1.0), "tokens": global_tokens}
+                logprobs, entropy, mask, labels = self._forward(policy, chunk or [_padding(samples[0])],
+                                                                with_entropy=True)
+                nll += algos.masked_sum(-logprobs, mask).item()
+                entropy_sums = self._add_entropy_stats(entropy_sums, entropy, labels, mask)
+        nll, *entropy_sums = self._global_sum([nll] + entropy_sums)
+        return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens, **entropy_metrics(entropy_sums, "")}
+
+    def _add_entropy_stats(self, sums: list[float], entropy, labels, mask) -> list[float]:
+        new = entropy_stats(entropy, labels, mask, self.critical_ids, self.cfg.high_entropy)
+        return [a + b for a, b in zip(sums, new)]
 
     def _policy(self) -> torch.nn.Module:
         """The current policy for forward passes: the engine's, or the loaded model before any stage."""
@@ -283,7 +296,7 @@ class LearnerWorker:
         stats["ppo_kl_sum"] += float(pg["ppo_kl"][0])
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, _, _ = self._forward(self.ref_model, chunk, with_entropy=False)
+                ref, *_ = self._forward(self.ref_model, chunk, with_entropy=False)
             kl = algos.kl_penalty(logprobs, ref, cfg.kl_estimator)
             loss = loss + cfg.kl_coef * algos.aggregate_loss(kl, mask, **normalisers) * self.world_size
             stats["kl_sum"] += algos.masked_sum(kl.detach(), mask).item()

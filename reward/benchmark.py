@@ -73,15 +73,17 @@ def _score_mmmu_row(row: dict[str, Any], mode: str, variant: str) -> dict[str, A
     response = _response(row)
     gold = mmmu.gold_answers(_answer(row))
     if row.get("question_type", "multiple-choice") != "multiple-choice":
-        preds = mmmu.parse_open(response)
+        preds = mmmu.parse_open(mmmu.boxed_open(response) if mode == "r1v3" else response)
         out: dict[str, Any] = {"pred": preds, "correct": mmmu.eval_open(gold, preds)}
         if not response.strip():
             out["reason"] = "no answer"
         return out
     index2ans, letters = mmmu.multi_choice_info(_options(row, required=True))
     pred = mmmu.parse_multi_choice(response, letters, index2ans, mode="strict", variant=variant)
+    if mode == "r1v3":
+        pred = mmmu.boxed_choice(response, letters, index2ans) or pred
     reason = None
-    if pred is None and mode == "official":
+    if pred is None and mode != "strict":
         pred, reason = mmmu.random_fallback(letters), "no answer parsed; official random guess"
     elif pred is None:
         reason = "no answer"

@@ -6,7 +6,8 @@ linear string check and runs here, on the full response.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from reward.choice_scorer import score_choice
@@ -21,8 +22,11 @@ class RewardConfig:
     """Weights from P3 §3.1. max_response_chars: longer responses are cut to their last that many
     characters before accuracy scoring, since the answer sits at the end (16k chars ≈ 4k tokens, far more
     than any answer section); this bounds the parsers' input. Format always sees the full response.
-    worker_memory_mb: memory one scoring worker may allocate beyond its start-up size."""
+    worker_memory_mb: memory one scoring worker may allocate beyond its start-up size.
+    kind names the registered reward (REWARD_KINDS): "rule" is the paper's, "random" the no-signal control."""
 
+    kind: str = "rule"
+    seed: int = 0
     accuracy_weight: float = 0.8
     format_weight: float = 0.2
     timeout_s: float = 5.0
@@ -33,6 +37,33 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.max_response_chars < 1:
             raise ValueError("max_response_chars must be >= 1")
+
+
+RewardKind = Callable[[list[float], random.Random], list[float]]
+REWARD_KINDS: dict[str, RewardKind] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardKind], RewardKind]:
+    """Register fn(rule scores of a batch, rng) -> the scores training sees."""
+    def deco(fn: RewardKind) -> RewardKind:
+        REWARD_KINDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_reward("rule")
+def rule_reward(scores: list[float], rng: random.Random) -> list[float]:
+    """The rule-based reward as scored (P3 §3.1)."""
+    return scores
+
+
+@register_reward("random")
+def random_reward(scores: list[float], rng: random.Random) -> list[float]:
+    """The spurious-reward control: Bernoulli draws with the batch's mean rule reward, independent of
+    the responses. A gain that also appears under it is not the reward's doing."""
+    p = sum(scores) / len(scores) if scores else 0.0
+    return [float(rng.random() < p) for _ in scores]
 
 
 def score_accuracy(request: ScoreRequest) -> RewardResult:
@@ -57,7 +88,10 @@ class RewardScorer:
     """Scores batches of ScoreRequest; keeps its worker pool between batches. Call close() when done."""
 
     def __init__(self, config: RewardConfig = RewardConfig()) -> None:
+        if config.kind not in REWARD_KINDS:
+            raise ValueError(f"unknown reward kind {config.kind!r}; known: {', '.join(sorted(REWARD_KINDS))}")
         self.config = config
+        self._rng = random.Random(config.seed)
         self._sandbox = Sandbox(
             score_accuracy, workers=config.workers, timeout_s=config.timeout_s, memory_mb=config.worker_memory_mb
         )
@@ -81,14 +115,16 @@ class RewardScorer:
         return results  # type: ignore[return-value]
 
     def score_batch(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
-        """score = accuracy_weight·accuracy + format_weight·format; parts has both; parsed and error come
+        """score = accuracy_weight·accuracy + format_weight·format, passed through the configured reward kind;
+        parts keeps the rule scores (so a control run still logs its real accuracy); parsed and error come
         from the accuracy scorer."""
         scored = []
         for request, accuracy in zip(requests, self.accuracy_batch(requests)):
             parts = {"accuracy": accuracy.parts["accuracy"], "format": score_format(request.response)}
             score = self.config.accuracy_weight * parts["accuracy"] + self.config.format_weight * parts["format"]
             scored.append(RewardResult(score, parts, accuracy.parsed, accuracy.error))
-        return scored
+        final = REWARD_KINDS[self.config.kind]([r.score for r in scored], self._rng)
+        return [dataclasses.replace(r, score=f) for r, f in zip(scored, final)]
 
     def close(self) -> None:
         self._sandbox.close()

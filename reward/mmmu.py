@@ -5,6 +5,10 @@ and `mmmu-pro/evaluate.py` (variant "mmmu-pro", whose multi-choice parser first 
 and also accepts `X ` / `X.` without a leading space). Quirks of the official code are kept on purpose, since
 scores must be comparable with published numbers; each is noted where it happens.
 
+Mode "r1v3" is the paper's evaluation rule on top of the official parser (R1V3 reads the last `\\boxed{}`
+first, since RL-trained models often answer only there): a boxed option letter, `(X)` or option text wins;
+without one the official parse and random guess follow. Open answers are parsed from the boxed content.
+
 Only departure: the official code calls `random.choice` on a module-level stream seeded once at import, so
 a fallback's letter depends on how many fallbacks came before it in the run. Here mode "official" draws
 from `random.Random(seed)` per call (seed 42, the official seed), which is reproducible item by item;
@@ -17,7 +21,9 @@ import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-MODES = ("official", "strict")
+from reward.format_scorer import last_boxed
+
+MODES = ("official", "strict", "r1v3")
 VARIANTS = ("mmmu", "mmmu-pro")
 OFFICIAL_SEED = 42
 
@@ -111,6 +117,10 @@ def parse_multi_choice(
     _check(mode, variant)
     if not all_choices:
         raise ValueError("a multiple-choice question needs at least one option")
+    if mode == "r1v3":
+        boxed = boxed_choice(response, all_choices, index2ans)
+        if boxed is not None:
+            return boxed
     if variant == "mmmu-pro":
         cut = response.rfind("Answer:")
         if cut != -1:
@@ -121,9 +131,28 @@ def parse_multi_choice(
     for char in _EDGE_PUNCT:  # one strip per character, in this order, as official
         response = response.strip(char)
     found = _candidates(f" {response} ", all_choices, index2ans, variant)
-    if found is None and mode == "official":
+    if found is None and mode != "strict":
         return random_fallback(all_choices, seed)
     return found
+
+
+def boxed_choice(response: str, all_choices: Sequence[str], index2ans: Mapping[str, str]) -> str | None:
+    """The option the last balanced `\\boxed{…}` names: a letter (`B`, `(B)`, `B.`) or an option's text."""
+    content = last_boxed(response)
+    if content is None:
+        return None
+    text = content.strip().strip(".").strip()
+    letter = text[1:-1].strip() if text.startswith("(") and text.endswith(")") else text
+    if letter in all_choices:
+        return letter
+    by_text = [c for c in all_choices if index2ans.get(c, "").strip().lower() == text.lower()]
+    return by_text[0] if len(by_text) == 1 else None
+
+
+def boxed_open(response: str) -> str:
+    """What an open answer is parsed from in mode "r1v3": the last boxed content, else the response."""
+    content = last_boxed(response)
+    return response if content is None else content
 
 
 def random_fallback(all_choices: Sequence[str], seed: int = OFFICIAL_SEED) -> str:

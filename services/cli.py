@@ -1,4 +1,4 @@
-"""`vireo` command line: make-model, make-data, make-coldstart, train, eval, score."""
+"""`vireo` command line: make-model, make-data, make-coldstart, train, select-checkpoint, eval, score."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +30,7 @@ def _make_data(args) -> int:
 def _train(args) -> int:
     from services.config import ConfigError, load_config
     from services.controller import Controller, stage_table
+    from services.selection import format_ranking
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -39,6 +40,8 @@ def _train(args) -> int:
     run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     report = Controller(cfg, run_dir).run()
     print(stage_table(report))
+    print(format_ranking({"by": "critical_entropy", **{k: report[k] for k in (
+        "checkpoint_ranking", "critical_entropy_accuracy_spearman")}}))
     print(f"[done] run directory: {run_dir}")
     return 0
 
@@ -52,6 +55,20 @@ def _make_coldstart(args) -> int:
     print(f"kept {summary['traces']} traces for {summary['problems_kept']}/{summary['problems']} problems "
           f"({summary['samples']} samples scored) -> {args.out}")
     return 0
+
+
+def _select_checkpoint(args) -> int:
+    from services.selection import format_ranking, select_checkpoint
+
+    try:
+        summary = select_checkpoint(args.run_dir, args.by)
+    except FileNotFoundError as exc:
+        print(f"vireo select-checkpoint: {exc}", file=sys.stderr)
+        return 2
+    print(format_ranking(summary))
+    chosen = summary["chosen"]
+    print(f"chosen: {chosen['checkpoint'] if chosen else 'none (no evaluated checkpoint)'}")
+    return 0 if chosen else 1
 
 
 def _score(argv: Sequence[str]) -> int:
@@ -99,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="use the first N problems only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_coldstart)
+    p = sub.add_parser("select-checkpoint", help="rank a run's checkpoints (P3 §5.1), write selection.json")
+    p.add_argument("run_dir")
+    p.add_argument("--by", default="critical_entropy", choices=["critical_entropy", "heldout_accuracy", "reward"])
+    p.set_defaults(func=_select_checkpoint)
     p = sub.add_parser("train", help="run a training job (also the driver of `ray job submit`)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (defaults in code when omitted)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")

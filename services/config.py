@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from learner.param_groups import GROUPS
 from learner.types import LossConfig, OptimConfig
 from learner.worker import DTYPES, LearnerConfig
-from reward.compose import RewardConfig
+from reward.compose import REWARD_KINDS, RewardConfig
 from reward.types import ANSWER_TYPES
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT
 from rollout.vllm_adapter import EngineOptions
@@ -257,6 +257,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.learner.optim.zero_stage in (0, 1, 2, 3), "learner.optim.zero_stage must be 0..3"),
         one_of(cfg.model.arch, ("internvl", "qwen2_vl"), "model.arch"),
         (cfg.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
+        one_of(cfg.reward.kind, REWARD_KINDS, "reward.kind"),
         (cfg.reward.workers >= 1, "reward.workers must be >= 1"),
         one_of(cfg.evaluation.protocol, ("",) + PROTOCOLS, "evaluation.protocol"),
         one_of(cfg.evaluation.mode, mmmu.MODES, "evaluation.mode"),

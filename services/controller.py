@@ -29,7 +29,8 @@ from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
 from services.stages import EndRule, StageKind, get_stage_kind
-from services.tracking import JsonlBackend, Tracker
+from services.selection import selection_summary
+from services.tracking import JsonlBackend, Tracker, read_metrics
 
 REWARD_CPUS = 0.1
 PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
@@ -43,6 +44,10 @@ class EvalResult:
     n: int
     by_subject: dict[str, float]
     sft_loss: float = float("nan")
+    entropy: float = float("nan")
+    critical_entropy: float = float("nan")
+    critical_token_rate: float = float("nan")
+    high_entropy_fraction: float = float("nan")
 
 
 @dataclass
@@ -263,17 +268,29 @@ class Controller:
         options = EvalOptions(protocol=ev.protocol, mode=ev.mode, temperature=ev.temperature,
                               max_tokens=ev.max_tokens, seed=self.cfg.trainer.seed,
                               system_prompt=self.cfg.data.system_prompt)
+        responses: list[Trajectory] = []
+
+        def generate(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
+            out = self.generate(batch, sampling)
+            responses.extend(out)
+            return out
+
         _, summary = evaluate_problems(
-            problems, self.generate,
+            problems, generate,
             lambda rows, protocol, mode: ray.get(self.reward.score_benchmark.remote(rows, protocol, mode)), options)
+        ranks = self.cfg.learner.num_ranks
+        own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses
+               if t.response_token_ids]
+        figures = self.learners.evaluate_responses(shard_batch(own, ranks)) if own else {}
         with_solution = [p for p in problems if p.solution]
-        sft_loss = float("nan")
-        if with_solution:
-            shards = shard_batch([self.sft_sample(p) for p in with_solution], self.cfg.learner.num_ranks)
-            sft_loss = self.learners.validation_loss(shards)["loss"]
+        if with_solution:  # the validation loss: NLL of the held-out reference solutions
+            solutions = shard_batch([self.sft_sample(p) for p in with_solution], ranks)
+            figures["sft_loss"] = self.learners.evaluate_responses(solutions)["loss"]
         return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                           unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
-                          by_subject={s: v["acc"] for s, v in summary["subjects"].items()}, sft_loss=sft_loss)
+                          by_subject={s: v["acc"] for s, v in summary["subjects"].items()},
+                          **{k: figures[k] for k in ("sft_loss", "entropy", "critical_entropy", "critical_token_rate",
+                                                     "high_entropy_fraction") if k in figures})
 
     def evaluate_heldout(self, name: str, step: int, stage: str, sets: dict[str, list[Problem]], report: dict,
                          checkpoint: str | None = None) -> dict[str, float]:
@@ -285,11 +302,12 @@ class Controller:
             report["eval"].append({"name": name, "stage": stage, "set": set_name, "step": step,
                                    "checkpoint": checkpoint, **asdict(result)})
             self.log(f"[eval] {name} {set_name}: accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
-                     f"n={result.n}) {result.by_subject}")
-            metrics.update({f"eval/{set_name}/accuracy": result.accuracy,
-                            f"eval/{set_name}/unparsed_rate": result.unparsed_rate,
-                            f"eval/{set_name}/format": result.format_rate,
-                            f"eval/{set_name}/sft_loss": result.sft_loss})
+                     f"critical-token entropy {result.critical_entropy:.3f}, n={result.n}) {result.by_subject}")
+            figures = asdict(result)
+            metrics.update({f"eval/{set_name}/{k}": figures[k] for k in (
+                "accuracy", "unparsed_rate", "sft_loss", "entropy", "critical_entropy", "critical_token_rate",
+                "high_entropy_fraction")})
+            metrics[f"eval/{set_name}/format"] = result.format_rate
         return metrics
 
     # ---- the run -----------------------------------------------------------------------------------
@@ -310,8 +328,10 @@ class Controller:
         last = report["stages"][-1]
         report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                        "data_skipped": dict(self.skipped)})
-        self._write_report(report)
         self.tracker.close()
+        selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
+        report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
+        self._write_report(report)
         return report
 
     def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict) -> int:
@@ -332,11 +352,12 @@ class Controller:
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
             metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs})
             reason = end.after_step(step, metrics)
+            saved = None
             if cfg.save_every and step % cfg.save_every == 0 and reason is None:
-                self._save(f"{cfg.name}-step{start_step + step}")
+                saved = self._save(f"{cfg.name}-step{start_step + step}")
             if cfg.eval_every and step % cfg.eval_every == 0 and reason is None:
                 metrics.update(self.evaluate_heldout(f"{cfg.name} step {step}", start_step + step, cfg.name,
-                                                     plan.heldout, report))
+                                                     plan.heldout, report, saved))
                 reason = end.after_eval(metrics)
             self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
             self._progress(cfg, step, end.limit, metrics, started)
@@ -348,6 +369,7 @@ class Controller:
             "name": cfg.name, "kind": cfg.kind, "start_step": start_step, "end_step": start_step + step,
             "end_reason": reason, "end_detail": end.detail, "trainable": list(cfg.trainable),
             "heldout_accuracy": final.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan")),
+            "critical_entropy": final.get(f"eval/{PRIMARY_HELDOUT}/critical_entropy", float("nan")),
             "checkpoint": checkpoint, "seconds": round(time.time() - started, 1)})
         self.log(f"[stage] {cfg.name} ended at step {start_step + step} after {step} steps: {reason} ({end.detail})")
         self._write_report(report)
@@ -379,10 +401,10 @@ class Controller:
 
 def stage_table(report: dict) -> str:
     """Per stage: steps, end reason and held-out accuracy at its end (printed at the end of a run)."""
-    lines = [f"{'stage':<14}{'kind':<6}{'steps':>12}  {'end':<11}{'trainable':<24}{'held-out':>9}",
+    lines = [f"{'stage':<14}{'kind':<6}{'steps':>12}  {'end':<11}{'trainable':<24}{'held-out':>9}{'crit. entropy':>15}",
              f"{'(initial)':<14}{'':<6}{'':>12}  {'':<11}{'':<24}{report['heldout_accuracy_initial']:>9.3f}"]
     for s in report["stages"]:
         steps = f"{s['start_step'] + 1}-{s['end_step']}"
         lines.append(f"{s['name']:<14}{s['kind']:<6}{steps:>12}  {s['end_reason']:<11}"
-                     f"{','.join(s['trainable']):<24}{s['heldout_accuracy']:>9.3f}")
+                     f"{','.join(s['trainable']):<24}{s['heldout_accuracy']:>9.3f}{s['critical_entropy']:>15.3f}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from reward import mmmu
 from reward.benchmark import score_rows
 from reward.format_scorer import score_format
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
@@ -105,7 +106,8 @@ def main(argv) -> int:
     parser.add_argument("--model", required=True, help="HF checkpoint directory")
     parser.add_argument("--data", required=True, help="parquet file or directory (vireo, MMMU or math schema)")
     parser.add_argument("--protocol", choices=["mmmu", "math"], default="")
-    parser.add_argument("--mode", choices=["official", "strict"], default="official")
+    parser.add_argument("--mode", choices=mmmu.MODES, default="official",
+                        help="official: the benchmark rules; strict: no random guess; r1v3: last \\boxed{} first")
     parser.add_argument("--out", default=None, help="write results.jsonl and summary.json here")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-tokens", type=int, default=48)

@@ -18,7 +18,8 @@ from services.controller import Controller
 from services.data.loading import load_problems
 from services.tracking import read_metrics
 
-REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/entropy", "actor/pg_clipfrac",
+REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/entropy", "actor/critical_entropy",
+            "actor/critical_token_rate", "actor/high_entropy_fraction", "actor/pg_clipfrac",
             "actor/kl", "response_length/mean", "sync/version", "sync/logprob_diff_max", "timing_s/gen",
             "timing_s/reward", "timing_s/train", "timing_s/sync", "timing_s/step", "perf/tokens_per_s"]
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -89,6 +90,12 @@ def test_three_stages_report_and_metrics(three_stage_run):
         assert (tmp_path / "run" / "checkpoints" / s["name"] / "model.safetensors").exists()
         assert s["checkpoint"] == str(tmp_path / "run" / "checkpoints" / s["name"])
     assert saved["final_checkpoint"] == stages[-1]["checkpoint"]
+    ranking = saved["checkpoint_ranking"]  # every stage-end checkpoint, judged on the primary held-out set
+    assert sorted(r["checkpoint"] for r in ranking) == sorted(s["checkpoint"] for s in stages)
+    assert {"step", "checkpoint", "critical_entropy", "heldout_accuracy", "reward_mean"} <= set(ranking[0])
+    assert "critical_entropy_accuracy_spearman" in saved
+    final_eval = [e for e in saved["eval"] if e["checkpoint"] == stages[-1]["checkpoint"]][0]
+    assert final_eval["entropy"] > 0  # measured by the learner on the model's own held-out responses
     assert saved["heldout_accuracy_final"] == stages[-1]["heldout_accuracy"] == report["heldout_accuracy_final"]
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     grpo = [r for r in rows if "reward/mean" in r]

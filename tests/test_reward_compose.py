@@ -67,3 +67,25 @@ def test_long_responses_keep_their_tail(scorer):
 
 def test_empty_batch(scorer):
     assert scorer.score_batch([]) == []
+
+
+def test_random_reward_is_a_seeded_bernoulli_with_the_rule_mean():
+    from reward.compose import RewardConfig, RewardScorer
+    from reward.types import ScoreRequest
+
+    right, wrong = "<think>x</think> \\boxed{2}", "<think>x</think> \\boxed{3}"
+    requests = [ScoreRequest(right if i % 4 == 0 else wrong, "2", "numeric") for i in range(400)]
+    with RewardScorer(RewardConfig(workers=1)) as rule:
+        real = rule.score_batch(requests)
+    with RewardScorer(RewardConfig(workers=1, kind="random", seed=3)) as control:
+        fake = control.score_batch(requests)
+    with RewardScorer(RewardConfig(workers=1, kind="random", seed=3)) as again:
+        assert [r.score for r in again.score_batch(requests)] == [r.score for r in fake]
+    real_mean = sum(r.score for r in real) / 400  # 0.25·1.0 + 0.75·0.2 = 0.4
+    assert abs(real_mean - 0.4) < 1e-9 and {r.score for r in fake} == {0.0, 1.0}
+    assert abs(sum(r.score for r in fake) / 400 - real_mean) < 0.08
+    assert [r.parts for r in fake] == [r.parts for r in real]  # the real accuracy is still reported
+    hits_on_right = sum(f.score for f, r in zip(fake, real) if r.parts["accuracy"] == 1.0) / 100
+    assert abs(hits_on_right - real_mean) < 0.15  # independent of correctness
+    with pytest.raises(ValueError, match="known: random, rule"):
+        RewardScorer(RewardConfig(kind="oracle"))

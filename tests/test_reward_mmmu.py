@@ -107,3 +107,26 @@ def test_aggregate_is_instance_weighted():
     assert table["disciplines"]["Business"] == {"num": 0, "acc": 0.0}  # absent: reported as 0, as official
     assert table["overall"] == {"num": 9, "acc": pytest.approx(6 / 9)}  # Cooking counts in the overall only
     assert len(mmmu.DISCIPLINES) == 6 and sum(map(len, mmmu.DISCIPLINES.values())) == len(mmmu.CAT_SHORT2LONG) == 30
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("<think>A is tempting, (A) even</think> \\boxed{C}", "C"),  # the boxed letter beats the official parse
+    ("so \\boxed{(D)}", "D"),
+    ("\\boxed{small dog}", "B"),  # option text in the box
+    ("I think (A) is right. \\boxed{}", "A"),  # nothing usable boxed: the official parse
+])
+def test_r1v3_mode_reads_the_last_boxed_first(response, expected):
+    assert parse(response, mode="r1v3") == expected
+    assert parse(response, mode="official") != "C" or expected == "C"
+
+
+def test_r1v3_mode_in_the_protocol():
+    from reward.benchmark import score_rows
+
+    rows = [{"response": "The answer is (A). \\boxed{B}", "answer": "B", "options": ["x", "y"]},
+            {"response": "maybe 3 or 4 \\boxed{7}", "answer": "7", "question_type": "open", "options": []}]
+    official = [r["correct"] for r in score_rows(rows, "mmmu", "official")[0]]
+    r1v3 = [r["correct"] for r in score_rows(rows, "mmmu", "r1v3")[0]]
+    assert official == [False, True] and r1v3 == [True, True]
+    assert score_rows([{"response": "4 \\boxed{5}", "answer": "4", "question_type": "open", "options": []}],
+                      "mmmu", "r1v3")[0][0]["correct"] is False  # open answers are read from the box only

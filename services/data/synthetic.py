@@ -37,6 +37,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 MAX_COUNT = 3
+# Reference solutions reflect some of the time (P3 §5.1: critical tokens such as "Wait" mark reflection):
+# a share recounts ("Wait, let me count again"), part of it correcting a wrong first count.
+REFLECT_RATE = 0.3
+CORRECT_RATE = 0.1
 
 
 @dataclass(frozen=True)
@@ -117,9 +121,17 @@ def _generate_color(rng: random.Random, size: int) -> Draw:
     )
 
 
+def _reflect(problem: Problem) -> float:
+    """A number in [0, 1) fixed by the problem: how (and whether) its solution reflects."""
+    return random.Random(f"reflect:{problem.id}").random()
+
+
 def _solve_color(problem: Problem) -> str:
     colour = problem.options[LETTERS.index(problem.answer)]
-    return _response(f"The shape is {colour}, option {problem.answer}.", problem.answer)
+    thought = f"The shape is {colour}, option {problem.answer}."
+    if _reflect(problem) < REFLECT_RATE:
+        thought += f" Let me check the options again. {colour} is option {problem.answer}."
+    return _response(thought, problem.answer)
 
 
 def _generate_count(rng: random.Random, size: int) -> Draw:
@@ -133,8 +145,19 @@ def _generate_count(rng: random.Random, size: int) -> Draw:
     )
 
 
+def _count_thought(problem: Problem, count: int) -> str:
+    """"I count N shapes.", sometimes with a recount (P3's "Wait" moves) that corrects a wrong first count."""
+    roll = _reflect(problem)
+    if roll < CORRECT_RATE:
+        first = count + 1 if count < MAX_COUNT else count - 1
+        return f"I count {_shapes(first)}. Wait, let me count again. I count {_shapes(count)}."
+    if roll < REFLECT_RATE:
+        return f"I count {_shapes(count)}. Wait, let me count again. Yes, {_shapes(count)}."
+    return f"I count {_shapes(count)}."
+
+
 def _solve_count(problem: Problem) -> str:
-    return _response(f"I count {_shapes(int(problem.answer))}.", problem.answer)
+    return _response(_count_thought(problem, int(problem.answer)), problem.answer)
 
 
 def _generate_count_plus(rng: random.Random, size: int) -> Draw:
@@ -152,7 +175,7 @@ def _generate_count_plus(rng: random.Random, size: int) -> Draw:
 def _solve_count_plus(problem: Problem) -> str:
     k = int(_match(r"Add (\d+) to that number", problem.question))
     total = int(problem.answer)
-    return _response(f"I count {_shapes(total - k)}. {total - k} + {k} = {total}.", problem.answer)
+    return _response(f"{_count_thought(problem, total - k)} {total - k} + {k} = {total}.", problem.answer)
 
 
 def _generate_color_count(rng: random.Random, size: int) -> Draw:

@@ -1,0 +1,53 @@
+"""Checkpoint selection from a run's own records (report.json evaluations, metrics.jsonl rewards)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from services.cli import main
+from services.selection import checkpoint_ranking, select_checkpoint, spearman
+
+
+def _report():
+    evals = [(0, None, 0.0, float("nan")), (10, "ck/10", 0.55, 0.9), (20, "ck/20", 0.62, 1.4),
+             (30, "ck/30", 0.60, 1.1), (40, "ck/40", 0.64, 1.3)]
+    return {"eval": [{"name": f"s{step}", "stage": "grpo", "set": "heldout", "step": step, "checkpoint": ck,
+                      "accuracy": acc, "critical_entropy": ce} for step, ck, acc, ce in evals]
+            + [{"name": "x", "stage": "grpo", "set": "other", "step": 40, "checkpoint": "ck/40", "accuracy": 1.0,
+                "critical_entropy": 9.0}]}
+
+
+METRICS = [{"step": s, "reward/mean": 0.01 * s} for s in range(1, 41)] + [{"step": 40, "event": "stage_end"}]
+
+
+def test_ranking_by_each_criterion():
+    report = _report()
+    assert [r["step"] for r in checkpoint_ranking(report, METRICS)] == [20, 40, 30, 10]
+    assert [r["step"] for r in checkpoint_ranking(report, METRICS, "heldout_accuracy")] == [40, 20, 30, 10]
+    by_reward = checkpoint_ranking(report, METRICS, "reward")
+    assert [r["step"] for r in by_reward] == [40, 30, 20, 10]
+    assert by_reward[0]["reward_mean"] == pytest.approx(sum(0.01 * s for s in range(36, 41)) / 5)
+    with pytest.raises(ValueError, match="critical_entropy, heldout_accuracy, reward"):
+        checkpoint_ranking(report, METRICS, "loss")
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([0.9, 1.4, 1.1, 1.3], [0.55, 0.62, 0.60, 0.64]) == pytest.approx(0.8)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # average ranks for ties
+    assert math.isnan(spearman([1, 2], [1, 2])) and math.isnan(spearman([1, float("nan"), 2], [1, 2, 3]))
+
+
+def test_select_checkpoint_command(tmp_path, capsys):
+    (tmp_path / "report.json").write_text(json.dumps(_report()))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in METRICS))
+    assert main(["select-checkpoint", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: ck/20" in out and "Spearman" in out
+    saved = json.loads((tmp_path / "selection.json").read_text())
+    assert saved["chosen"]["checkpoint"] == "ck/20" and saved["critical_entropy_accuracy_spearman"] == pytest.approx(0.8)
+    assert select_checkpoint(tmp_path, "heldout_accuracy")["chosen"]["step"] == 40
+    assert main(["select-checkpoint", str(tmp_path / "missing")]) == 2
