@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
 
 from learner import algos
-from learner.param_groups import set_trainable
+from learner.param_groups import GROUPS, group_of, set_trainable
 from learner.types import TrainBatch, TrainSample
+from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
-from rollout.weight_bucket import WeightBucket, pack_buckets
+from rollout.weight_transport import TRANSPORTS, EngineLink, make_transport
 
 
 @dataclass
@@ -41,7 +43,12 @@ class LearnerConfig:
     temperature: float = 1.0
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
+    weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
     seed: int = 0
+
+    def __post_init__(self):
+        if self.weight_transport not in TRANSPORTS:  # a config error at load time, not at the first sync
+            raise ValueError(f"unknown weight transport {self.weight_transport!r}; choose one of {sorted(TRANSPORTS)}")
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -209,21 +216,36 @@ class LearnerWorker:
         return loss
 
     # ---- weights out ----------------------------------------------------------------------------
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named tensors of the current policy (ZeRO-3 parameters are gathered one by one)."""
+    def named_weights(self, groups: Collection[str] = GROUPS) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors of the current policy in the given parameter groups. Under ZeRO-3 each
+        parameter is gathered (a collective: every rank must iterate) and its tensor is valid only until
+        the next one is requested; copy what you keep."""
         module = self.engine.module
         if self.cfg.zero_stage == 3:
             import deepspeed
 
             for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield name, param.detach().cpu().clone()
+                if group_of(self.model_type, name) in groups:
+                    with deepspeed.zero.GatheredParameters([param]):
+                        yield name, param.detach()
         else:
             for name, tensor in module.state_dict().items():
-                yield name, tensor.detach()
+                if group_of(self.model_type, name) in groups:
+                    yield name, tensor.detach()
 
-    def weight_buckets(self) -> Iterator[WeightBucket]:
-        return pack_buckets(self.named_weights(), int(self.cfg.weight_bucket_mb * 2**20))
+    def trainable_groups(self) -> tuple[str, ...]:
+        """The parameter groups the optimizer updates now (vision / connector / llm)."""
+        return tuple(g for g in GROUPS if self.trainable_params.get(g, 0) > 0)
+
+    @cached_property
+    def weight_sender(self) -> WeightSender:
+        transport = make_transport(self.cfg.weight_transport, int(self.cfg.weight_bucket_mb * 2**20))
+        return WeightSender(transport, self.rank)
+
+    def sync_weights(self, link: EngineLink | None) -> SyncReport:
+        """Send the groups that can have changed as the next version (all ranks call this; rank 0 sends
+        through `link`, the others join the ZeRO-3 gathers)."""
+        return self.weight_sender.sync(self.next_version(), self.trainable_groups(), self.named_weights, link)
 
     def next_version(self) -> int:
         self.version += 1
@@ -241,7 +263,7 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> None:
         """Write an HF checkpoint (loadable by transformers and vLLM); collective for ZeRO-3."""
-        state = dict(self.named_weights())
+        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_weights()}
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, state_dict=state)
             self.processor.save_pretrained(out_dir)

@@ -30,3 +30,12 @@ def tiny_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     make_dataset(out, 64, 16, {"color": 1.0, "count": 1.0, "count_plus": 1.0}, image_size=56, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def rollout_engine(tiny_model_dir):
+    """One in-process vLLM engine (CPU build) on the tiny InternVL, shared by the engine and transport tests."""
+    from rollout.engine import RolloutEngine
+    from rollout.vllm_adapter import EngineOptions
+
+    return RolloutEngine(tiny_model_dir("internvl"), EngineOptions(max_model_len=512))
