@@ -20,6 +20,7 @@ ratio) and `bucketed_over_per_param` (speed ratio at the same size).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -50,7 +51,9 @@ def _rss_bytes(field: str) -> int:
 
 
 def reset_peak_rss() -> int:
-    """Reset the kernel's high-water mark (Linux clear_refs 5) and return the current RSS."""
+    """Hand freed heap back to the OS (else a freed earlier buffer hides new use), reset the kernel's
+    high-water mark (Linux clear_refs 5) and return the current RSS."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return _rss_bytes("VmRSS")
@@ -130,7 +133,7 @@ def receive_memory(text_hidden: int, text_layers: int, bucket_bytes: int) -> dic
     engine.connect_weights("object_store", bucket_bytes, {})
     buckets = [(m.to_json(), b.numpy().copy()) for m, b in pack_stream(state.items(), bucket_bytes, version=0)]
     result = {"model_mb": nbytes / 2**20}
-    for version, mode in enumerate(["streamed", "staged", "streamed"], start=1):
+    for version, mode in enumerate(["streamed", "staged"], start=1):
         payload = [(_retag(meta, version), buf) for meta, buf in buckets]
         base = reset_peak_rss()
         start = time.perf_counter()

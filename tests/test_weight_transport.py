@@ -167,3 +167,41 @@ def test_only_the_sent_group_changes_in_the_engine(setup, transport_name):
     _send(engine, transport_name, [(n, t) for n, t in perturbed.items() if group_of("internvl", n) == "llm"])
     _, got = engine.prompt_logprobs(text, images)
     assert (torch.tensor(got) - want).abs().max() < 1e-4
+
+
+# ---- ZeRO-3: every rank gathers, rank 0 alone sends -------------------------------------------------
+class _RecordingEngine:
+    """Receives through the real transport and keeps copies (stands in for vLLM on the learner test)."""
+
+    def connect_weights(self, transport, bucket_bytes, args):
+        self.transport = make_transport(transport, bucket_bytes)
+
+    def receive_weights(self, version, payload):
+        self.received = {n: t.clone() for n, t in self.transport.receive(version, payload)}
+        return version
+
+
+def _zero3_rank(rank: int, world: int, model_path: str, out: str, port: int) -> None:
+    from learner.worker import LearnerConfig, LearnerWorker
+
+    worker = LearnerWorker(model_path, LearnerConfig(zero_stage=3, trainable=["connector", "llm"], weight_bucket_mb=0.05),
+                           rank, world, "127.0.0.1", port)
+    engine = _RecordingEngine()
+    report = worker.sync_weights(InProcessLink([engine]) if rank == 0 else None)
+    torch.save({"report": report.__dict__, "received": getattr(engine, "received", None)}, f"{out}.{rank}")
+
+
+def test_zero3_ranks_join_the_gathers_and_only_rank0_sends(tmp_path, tiny_model_dir):
+    import torch.multiprocessing as mp
+
+    from actors.learner_actor import free_port
+
+    path = tiny_model_dir("internvl")
+    mp.spawn(_zero3_rank, args=(2, path, str(tmp_path / "r"), free_port()), nprocs=2)
+    r0, r1 = torch.load(f"{tmp_path / 'r'}.0"), torch.load(f"{tmp_path / 'r'}.1")
+    assert r1["received"] is None and r0["report"]["groups"] == ("connector", "llm") == r1["report"]["groups"]
+    state = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).state_dict()
+    expected = {n: t for n, t in state.items() if group_of("internvl", n) != "vision"}  # vision is frozen
+    assert set(r0["received"]) == set(expected) and r0["report"]["tensors"] == r1["report"]["tensors"] == len(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(r0["received"][name], tensor), name  # full (gathered) tensors, not shards
