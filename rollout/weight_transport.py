@@ -107,7 +107,7 @@ class WeightTransport(ABC):
 
     @abstractmethod
     def receive(self, version: int, payload: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield the update's tensors one bucket at a time (views, valid until the next bucket)."""
+        """Yield the update's tensors one bucket at a time (views over that bucket's buffer)."""
 
 
 TRANSPORTS: dict[str, type[WeightTransport]] = {}
