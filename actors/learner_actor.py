@@ -5,7 +5,9 @@ import socket
 
 import ray
 
+from actors.weight_link import RayEngineLink
 from learner.types import StageSpec, TrainBatch
+from learner.weight_sender import SyncReport
 from learner.worker import LearnerConfig, LearnerWorker
 
 
@@ -30,24 +32,10 @@ class LearnerActor:
     def save_hf(self, out_dir: str) -> None:
         self.worker.save_hf(out_dir)
 
-    def sync_weights(self, rollout_actors: list) -> int:
-        """Rank 0 streams size-bounded buckets to every rollout actor (one object-store put per bucket,
-        read by all actors); returns the new version. Other ranks only take part in ZeRO-3 gathers."""
-        buckets = self.worker.weight_buckets()
-        version = self.worker.next_version()
-        if self.worker.rank != 0:
-            if self.worker.cfg.zero_stage == 3:
-                for _ in buckets:  # every rank takes part in each parameter gather
-                    pass
-            return version
-        ray.get([a.begin_weight_update.remote(version) for a in rollout_actors])
-        for bucket in buckets:
-            ref = ray.put(bucket)
-            ray.get([a.load_weight_bucket.remote(ref) for a in rollout_actors])
-        reported = ray.get([a.finish_weight_update.remote() for a in rollout_actors])
-        if any(v != version for v in reported):
-            raise RuntimeError(f"weight sync incomplete: sent version {version}, actors report {reported}")
-        return version
+    def sync_weights(self, rollout_actors: list) -> SyncReport:
+        """Every rank takes part; rank 0 sends the groups that can have changed through the configured
+        transport (learner.optim.weight_transport) and checks every engine reports the new version."""
+        return self.worker.sync_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None)
 
 
 def free_port() -> int:
@@ -81,7 +69,7 @@ class LearnerGroup:
         return ray.get([a.evaluate_responses.remote(s) for a, s in zip(self.actors, shards, strict=True)])[0]
 
     def sync_weights(self, rollout_actors: list) -> int:
-        return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0]
+        return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0].version
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return ray.get([a.probe_logprobs.remote(text, images) for a in self.actors])[0]

@@ -5,7 +5,13 @@ import ray
 
 from rollout.engine import RolloutEngine
 from rollout.vllm_adapter import EngineOptions
-from rollout.weight_bucket import WeightBucket
+
+
+def _lazily_resolved(payload: list):
+    """Object-store references are fetched one at a time, as the engine consumes them (zero-copy for
+    the bucket's array); any other payload item passes through."""
+    for item in payload:
+        yield ray.get(item) if isinstance(item, ray.ObjectRef) else item
 
 
 @ray.remote
@@ -22,11 +28,8 @@ class RolloutActor:
     def weights_version(self) -> int:
         return self.engine.weights_version()
 
-    def begin_weight_update(self, version: int) -> None:
-        self.engine.begin_weight_update(version)
+    def connect_weights(self, transport: str, bucket_bytes: int, args: dict) -> None:
+        self.engine.connect_weights(transport, bucket_bytes, args)
 
-    def load_weight_bucket(self, bucket: WeightBucket) -> int:
-        return self.engine.load_weight_bucket(bucket)
-
-    def finish_weight_update(self) -> int:
-        return self.engine.finish_weight_update()
+    def receive_weights(self, version: int, payload: list) -> int:
+        return self.engine.receive_weights(version, _lazily_resolved(payload))

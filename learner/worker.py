@@ -9,8 +9,9 @@ import gc
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -18,11 +19,12 @@ import torch.distributed as dist
 from learner import algos
 from learner.critical_tokens import (DEFAULT_CRITICAL_WORDS, DEFAULT_HIGH_ENTROPY, critical_token_ids,
                                      entropy_metrics, entropy_stats)
-from learner.param_groups import set_trainable
+from learner.param_groups import GROUPS, group_of, set_trainable
 from learner.schedules import lr_at
 from learner.types import StageSpec, TrainBatch, TrainSample
+from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
-from rollout.weight_bucket import WeightBucket, pack_buckets
+from rollout.weight_transport import TRANSPORTS, EngineLink, make_transport
 
 # Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
 _TIED_SUFFIXES = ("lm_head.weight",)
@@ -39,9 +41,14 @@ class LearnerConfig:
     temperature: float = 1.0
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
+    weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
     seed: int = 0
     critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
     high_entropy: float = DEFAULT_HIGH_ENTROPY
+
+    def __post_init__(self):
+        if self.weight_transport not in TRANSPORTS:  # a config error at load time, not at the first sync
+            raise ValueError(f"unknown weight transport {self.weight_transport!r}; choose one of {sorted(TRANSPORTS)}")
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -80,6 +87,8 @@ class LearnerWorker:
         self.engine = None
         self.ref_model = None
         self.stage: StageSpec | None = None
+        self.trainable_params: dict[str, int] = {}
+        self._trained_since_sync: set[str] = set()
         self.stage_step = 0
         self.version = 0
 
@@ -113,7 +122,7 @@ class LearnerWorker:
         if spec.loss.kl_coef > 0:
             self.ref_model = self._copy_of().to(self.device)
             self.ref_model.eval().requires_grad_(False)
-        self.stage, self.stage_step = spec, 0
+        self.stage, self.stage_step, self.trainable_params = spec, 0, trainable
         return trainable
 
     def _current_model(self) -> torch.nn.Module:
@@ -132,7 +141,7 @@ class LearnerWorker:
         """A new module of the policy's architecture with the current policy weights."""
         from transformers import AutoModelForImageTextToText
 
-        state = dict(self.named_weights())
+        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_weights()}
         model = AutoModelForImageTextToText.from_config(self._module().config, dtype=_torch_dtype(self.cfg.dtype))
         missing, unexpected = model.load_state_dict(state, strict=False)
         persistent = set(model.state_dict())
@@ -230,6 +239,7 @@ class LearnerWorker:
                 self.engine.backward(loss, scale_wrt_gas=False)
                 self.engine.step()
         self.stage_step += 1
+        self._trained_since_sync.update(g for g, n in self.trainable_params.items() if n)
         grad_norm = self.engine.get_global_grad_norm()
         loss, clip, kl, ppo_kl, *entropy_sums = self._global_sum(list(stats.values()) + entropy_sums)
         per_update_tokens = global_tokens * updates
@@ -303,21 +313,39 @@ class LearnerWorker:
         return loss
 
     # ---- weights out ----------------------------------------------------------------------------
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full HF-named tensors of the current policy (ZeRO-3 parameters are gathered one by one)."""
+    def named_weights(self, groups: Collection[str] = GROUPS) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named tensors of the current policy in the given parameter groups. Under ZeRO-3 each
+        parameter is gathered (a collective: every rank must iterate) and its tensor is valid only until
+        the next one is requested; copy what you keep."""
         module = self._module()
         if self.cfg.zero_stage == 3 and self.engine is not None:
             import deepspeed
 
             for name, param in module.named_parameters():
-                with deepspeed.zero.GatheredParameters([param]):
-                    yield name, param.detach().cpu().clone()
+                if group_of(self.model_type, name) in groups:
+                    with deepspeed.zero.GatheredParameters([param]):
+                        yield name, param.detach()
         else:
             for name, tensor in module.state_dict().items():
-                yield name, tensor.detach()
+                if group_of(self.model_type, name) in groups:
+                    yield name, tensor.detach()
 
-    def weight_buckets(self) -> Iterator[WeightBucket]:
-        return pack_buckets(self.named_weights(), int(self.cfg.weight_bucket_mb * 2**20))
+    def trainable_groups(self) -> tuple[str, ...]:
+        """The parameter groups the optimizer updated since the last sync (vision / connector / llm): the
+        only ones whose weights can differ from what the engines hold, across stage changes too."""
+        return tuple(g for g in GROUPS if g in self._trained_since_sync)
+
+    @cached_property
+    def weight_sender(self) -> WeightSender:
+        transport = make_transport(self.cfg.weight_transport, int(self.cfg.weight_bucket_mb * 2**20))
+        return WeightSender(transport, self.rank)
+
+    def sync_weights(self, link: EngineLink | None) -> SyncReport:
+        """Send the groups that can have changed as the next version (all ranks call this; rank 0 sends
+        through `link`, the others join the ZeRO-3 gathers)."""
+        report = self.weight_sender.sync(self.next_version(), self.trainable_groups(), self.named_weights, link)
+        self._trained_since_sync.clear()
+        return report
 
     def next_version(self) -> int:
         self.version += 1
@@ -335,7 +363,7 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> None:
         """Write an HF checkpoint (loadable by transformers and vLLM); collective for ZeRO-3."""
-        state = dict(self.named_weights())
+        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_weights()}
         if self.rank == 0:
             self._module().save_pretrained(out_dir, state_dict=state)
             self.processor.save_pretrained(out_dir)

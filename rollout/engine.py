@@ -1,4 +1,4 @@
-"""The rollout engine: a vLLM engine behind one small interface (generate / load weights / version)."""
+"""The rollout engine: a vLLM engine behind one small interface (generate / receive weights / version)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -6,7 +6,6 @@ from collections.abc import Iterable, Sequence
 from rollout import vllm_adapter
 from rollout.prompts import decode_images, image_token_ids
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
-from rollout.weight_bucket import WeightBucket
 
 
 class RolloutEngine:
@@ -20,14 +19,14 @@ class RolloutEngine:
         self.banned_token_ids = image_token_ids(self.processor)
         self.llm = vllm_adapter.make_llm(model_path, options)
         self._version = 0
-        self._pending_version: int | None = None
+        self._transport: str | None = None
 
     def weights_version(self) -> int:
         return self._version
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
-        params = vllm_adapter.sampling_params(sampling.n, sampling.temperature, sampling.top_p,
-                                              sampling.max_tokens, sampling.seed, self.banned_token_ids)
+        params = vllm_adapter.sampling_params(sampling.n, sampling.temperature, sampling.top_p, sampling.max_tokens,
+                                              sampling.seed, self.banned_token_ids, len(requests))
         inputs = [vllm_adapter.engine_input(r.prompt, decode_images(r.images)) for r in requests]
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [
@@ -45,27 +44,17 @@ class RolloutEngine:
                                 vllm_adapter.prompt_logprob_params(), use_tqdm=False)[0]
         return list(out.prompt_token_ids), vllm_adapter.prompt_token_logprobs(out)
 
-    def begin_weight_update(self, version: int) -> None:
+    def connect_weights(self, transport: str, bucket_bytes: int, args: dict) -> None:
+        """Expect updates through this weight transport (rollout/weight_transport.py) from now on."""
+        vllm_adapter.connect_weights(self.llm, transport, bucket_bytes, args)
+        self._transport = transport
+
+    def receive_weights(self, version: int, payload: Iterable) -> int:
+        """Apply one update as `version`; returns the version now held (the controller checks it)."""
+        if self._transport is None:
+            raise RuntimeError("receive_weights called before connect_weights")
         if version <= self._version:
             raise ValueError(f"weight version must increase: have {self._version}, got {version}")
-        self._pending_version = version
-        vllm_adapter.begin_weight_update(self.llm)
-
-    def load_weight_bucket(self, bucket: WeightBucket) -> int:
-        if self._pending_version is None:
-            raise RuntimeError("load_weight_bucket called outside begin/finish_weight_update")
-        return vllm_adapter.load_weight_bucket(self.llm, bucket)
-
-    def finish_weight_update(self) -> int:
-        if self._pending_version is None:
-            raise RuntimeError("finish_weight_update called without begin_weight_update")
-        vllm_adapter.finish_weight_update(self.llm)
-        self._version, self._pending_version = self._pending_version, None
-        return self._version
-
-    def load_weights(self, version: int, buckets: Iterable[WeightBucket]) -> int:
-        """The whole update in one call (used where buckets are local, e.g. tests and evaluation)."""
-        self.begin_weight_update(version)
-        for bucket in buckets:
-            self.load_weight_bucket(bucket)
-        return self.finish_weight_update()
+        vllm_adapter.receive_weights(self.llm, version, payload)
+        self._version = version
+        return version

@@ -1,15 +1,18 @@
 """Every call into vLLM lives here, behind version checks: vLLM's internals move between releases.
 
 Public vLLM API used: `LLM`, `SamplingParams`, `LLM.generate`, `LLM.collective_rpc`, `LLM.reset_*_cache`.
-Internal API used (checked against TESTED_VLLM): the worker extension (`worker_extension_cls`) and the
-worker's in-place `reload_weights(weights_iterator=...)` — the plain `model.load_weights` fails on CPU
-because the CPU build repacks linear weights.
+Internal API used (checked against TESTED_VLLM): the worker extension (`worker_extension_cls`), the
+worker's `rank`/`device` and in-place `reload_weights(weights_iterator=...)` — the plain
+`model.load_weights` fails on CPU because the CPU build repacks linear weights — and
+`vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING` (whether the worker shares the engine's process).
 """
 from __future__ import annotations
 
+import itertools
 import os
+import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 TESTED_VLLM = ("0.32",)
@@ -65,20 +68,34 @@ def make_llm(model_path: str, options: EngineOptions):
     )
 
 
-def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None,
-                    banned_token_ids: Sequence[int]):
-    """Sampling with per-token logprobs of the sampled tokens (raw, before temperature) and the image
-    placeholder tokens banned (a bias of -100, vLLM's floor, makes them unreachable in practice).
-
-    Per-request seeds are dropped on CPU: vLLM 0.32's CPU runner fails with "CPU Generator does not use
-    offset" when a seeded request's prefill is chunked; the engine seed keeps CPU runs reproducible."""
+def per_request_seeds_supported() -> bool:
+    """vLLM 0.32's CPU runner fails with "CPU Generator does not use offset" when a seeded request's
+    prefill is chunked, so per-request seeds are used on GPU only; on CPU the engine seed keeps runs
+    reproducible."""
     import torch
+
+    return torch.cuda.is_available()
+
+
+def request_seeds(seed: int | None, n: int, num_requests: int, supported: bool) -> list[int | None]:
+    """A distinct seed per request: vLLM seeds the n samples of a request seed, seed+1, ..., so request
+    i starts at seed + i*n and no two samples of a step share a seed."""
+    if seed is None or not supported:
+        return [None] * num_requests
+    return [seed + i * n for i in range(num_requests)]
+
+
+def sampling_params(n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None,
+                    banned_token_ids: Sequence[int], num_requests: int) -> list:
+    """One SamplingParams per request, with per-token logprobs of the sampled tokens (raw, before
+    temperature) and the image placeholder tokens banned (a bias of -100, vLLM's floor, makes them
+    unreachable in practice)."""
     from vllm import SamplingParams
 
-    seed = seed if torch.cuda.is_available() else None
-
-    return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                          logprobs=0, logit_bias={int(t): -100.0 for t in banned_token_ids} or None)
+    bias = {int(t): -100.0 for t in banned_token_ids} or None
+    return [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=s,
+                           logprobs=0, logit_bias=bias)
+            for s in request_seeds(seed, n, num_requests, per_request_seeds_supported())]
 
 
 def prompt_logprob_params():
@@ -103,45 +120,62 @@ def prompt_token_logprobs(output) -> list[float]:
     return [step[ids[i]].logprob for i, step in enumerate(output.prompt_logprobs) if i > 0 and step]
 
 
-def begin_weight_update(llm) -> None:
-    llm.collective_rpc("vireo_begin_weight_update")
+def _in_process() -> bool:
+    import vllm.envs as envs
+
+    return not envs.VLLM_ENABLE_V1_MULTIPROCESSING
 
 
-def load_weight_bucket(llm, bucket) -> int:
-    """Load one bucket on every worker; returns the number of tensors loaded."""
-    return llm.collective_rpc("vireo_load_weight_bucket",
-                              args=(bucket.names, bucket.dtypes, bucket.shapes, bucket.payload))[0]
+def connect_weights(llm, transport: str, bucket_bytes: int, args: dict) -> None:
+    """Set up the receive end of a weight transport in every worker (args: its rendezvous, if any)."""
+    llm.collective_rpc("vireo_connect_weights", args=(transport, bucket_bytes, args))
 
 
-def finish_weight_update(llm) -> None:
-    """Finish the layer-wise reload and drop every cache derived from the old weights (without the
-    encoder-cache reset the next multimodal request fails with 'Encoder cache miss')."""
-    llm.collective_rpc("vireo_finish_weight_update")
+def receive_weights(llm, version: int, payload: Iterable) -> int:
+    """Apply one update in a single `reload_weights` pass fed by the transport, then drop every cache
+    derived from the old weights (without the encoder-cache reset the next multimodal request fails with
+    'Encoder cache miss'). In-process (vLLM's CPU mode here) the payload's lazy iterator reaches the
+    worker, so buckets are pulled one at a time; with worker processes the payload is materialised and
+    pickled first (for the object store that stages the update in the engine's process; NCCL and CUDA IPC
+    payloads are metadata only). Returns the number of tensors loaded."""
+    if not _in_process():
+        payload = pickle.dumps(list(payload))
+    loaded = llm.collective_rpc("vireo_receive_weights", args=(version, payload))[0]
     llm.reset_prefix_cache()
     llm.reset_mm_cache()
     llm.llm_engine.reset_encoder_cache()
+    return loaded
 
 
 class VireoWorkerExtension:
     """Mixed into vLLM's worker class (worker_extension_cls); `self` is the vLLM worker.
 
-    Buckets are staged as they arrive and applied in one `reload_weights` pass at the end: vLLM 0.32's
-    layer-wise reload processes a layer as soon as its weights are complete and fails ("Cannot copy out
-    of meta tensor") when one update is split over several load_weights calls. Staging costs one copy
-    of the weights in host memory on the rollout side.
+    One update is one `reload_weights` pass over the transport's iterator: vLLM 0.32's layer-wise reload
+    processes a layer as soon as its weights are complete and fails ("Cannot copy out of meta tensor")
+    when one update is split over several reload calls. Layers that receive nothing (frozen groups that
+    were not sent) keep their current weights.
     """
 
-    def vireo_begin_weight_update(self) -> None:
-        self._vireo_staged = []
+    def vireo_connect_weights(self, transport: str, bucket_bytes: int, args: dict) -> None:
+        from rollout.weight_transport import make_transport
 
-    def vireo_load_weight_bucket(self, names, dtypes, shapes, payload) -> int:
-        from rollout.weight_bucket import WeightBucket, unpack_bucket
+        self._vireo_transport = make_transport(transport, bucket_bytes)
+        self._vireo_transport.connect_receiver(args, worker_rank=self.rank, device=self.device)
 
-        bucket = WeightBucket(tuple(names), tuple(dtypes), tuple(tuple(s) for s in shapes), bytes(payload))
-        tensors = list(unpack_bucket(bucket))
-        self._vireo_staged.extend(tensors)
-        return len(tensors)
+    def vireo_receive_weights(self, version: int, payload) -> int:
+        if isinstance(payload, bytes):
+            payload = pickle.loads(payload)  # from vireo's own engine process (receive_weights)
+        tensors = self._vireo_transport.receive(version, payload)
+        first = next(tensors, None)
+        if first is None:  # nothing changed since the last sync (every group frozen and already sent)
+            return 0
+        count = 0
 
-    def vireo_finish_weight_update(self) -> None:
-        staged, self._vireo_staged = self._vireo_staged, []
-        self.reload_weights(weights_iterator=iter(staged))
+        def counted():
+            nonlocal count
+            for item in itertools.chain([first], tensors):
+                count += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted())
+        return count

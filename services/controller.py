@@ -334,13 +334,17 @@ class Controller:
         self._write_report(report)
         return report
 
+    def begin_stage(self, index: int, plan: StagePlan) -> tuple[StageKind, EndRule, dict[str, int]]:
+        """The stage's kind (with its seeded data sampler) and end rule; the learner rebuilds its engine
+        for the stage's trainable groups (returned with their parameter counts)."""
+        kind = plan.kind(self, plan.cfg, MixSampler(plan.sources, plan.weights, self.cfg.trainer.seed * 1_000 + index))
+        end = EndRule(plan.cfg.end, plan.steps_per_epoch)
+        return kind, end, self.learners.begin_stage(kind.spec(end.limit))
+
     def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict) -> int:
         """One stage from its first step to its end rule; returns the run's step count after it."""
         cfg = plan.cfg
-        seed = self.cfg.trainer.seed * 1_000 + index
-        kind = plan.kind(self, cfg, MixSampler(plan.sources, plan.weights, seed))
-        end = EndRule(cfg.end, plan.steps_per_epoch)
-        trainable = self.learners.begin_stage(kind.spec(end.limit))
+        kind, end, trainable = self.begin_stage(index, plan)
         self.log(f"[stage] {cfg.name} ({cfg.kind}) starts at step {start_step}: trains {', '.join(cfg.trainable)} "
                  f"({sum(trainable.values()):,} parameters), lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
                  f"at most {end.limit} steps ({end.limit_reason})")

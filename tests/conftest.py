@@ -42,3 +42,12 @@ def ray_session():
     start_local_ray(num_cpus=4)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rollout_engine(tiny_model_dir):
+    """One in-process vLLM engine (CPU build) on the tiny InternVL, shared by the engine and transport tests."""
+    from rollout.engine import RolloutEngine
+    from rollout.vllm_adapter import EngineOptions
+
+    return RolloutEngine(tiny_model_dir("internvl"), EngineOptions(max_model_len=512))

@@ -7,16 +7,13 @@ from transformers import AutoModelForImageTextToText
 
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig
-from rollout.vllm_adapter import EngineOptions
-from rollout.weight_bucket import pack_buckets
+from rollout.weight_transport import InProcessLink, make_transport
 from services.data.synthetic import generate_problem
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    from rollout.engine import RolloutEngine
-
-    return RolloutEngine(tiny_model_dir("internvl"), EngineOptions(max_model_len=512))
+def engine(rollout_engine):
+    return rollout_engine
 
 
 def _hf_logprobs(model, processor, text, images):
@@ -40,7 +37,7 @@ def test_generate_groups_logprobs_and_single_image_expansion(engine):
         assert len(t.response_logprobs) == len(t.response_token_ids) > 0
         assert all(lp <= 0.0 for lp in t.response_logprobs)
         assert not banned & set(t.response_token_ids)  # image placeholders are never sampled
-        assert t.finish_reason in ("stop", "length") and t.weights_version == 0
+        assert t.finish_reason in ("stop", "length") and t.weights_version == engine.weights_version()
 
 
 def test_weight_update_matches_transformers_and_versions_advance(engine, tiny_model_dir):
@@ -56,10 +53,11 @@ def test_weight_update_matches_transformers_and_versions_advance(engine, tiny_mo
             p.add_(torch.randn_like(p) * 0.05)
     _, hf_new = _hf_logprobs(model, engine.processor, text, problem.images)
     assert (hf_new - hf).abs().max() > 1e-2  # the perturbation matters
-    assert engine.load_weights(engine.weights_version() + 1, pack_buckets(model.state_dict().items(), 64 << 10)) == 1
+    version = engine.weights_version() + 1
+    transport, link = make_transport("object_store", 64 << 10), InProcessLink([engine])
+    transport.connect_sender(link)
+    assert transport.send(version, model.state_dict().items(), link) == [version]
     _, lp_new = engine.prompt_logprobs(text, problem.images)
     assert (torch.tensor(lp_new) - hf_new).abs().max() < 1e-4
     with pytest.raises(ValueError, match="increase"):
-        engine.begin_weight_update(1)
-    with pytest.raises(RuntimeError):
-        engine.finish_weight_update()
+        engine.receive_weights(version, iter([]))

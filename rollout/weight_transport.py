@@ -1,0 +1,304 @@
+"""How weights travel from the learner to the rollout engines: one small interface, chosen by name.
+
+A `WeightTransport` has two ends. The learner's rank 0 calls `connect_sender(link)` once and
+`send(version, named_tensors, link)` per sync; inside each engine worker `connect_receiver(...)` runs
+once and `receive(version, payload)` yields (name, tensor) pairs that vLLM consumes in one reload pass.
+The `EngineLink` is the control plane (Ray on a cluster): it starts the engines' receive calls and,
+for the object store, holds the bytes. The data plane differs per transport; the wire format
+(`rollout/weight_bucket.py`) is the same for all. Following NeMo-RL's `weight_sync` split (pure data
+movers behind one interface) and verl's `checkpoint_engine` registry.
+"""
+from __future__ import annotations
+
+import copy
+import socket
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from datetime import timedelta
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from rollout.weight_bucket import BucketMeta, pack_stream, unpack
+
+
+class Pending(Protocol):
+    def wait(self) -> list[int]: ...
+
+
+class EngineLink(Protocol):
+    """The control plane as the learner sees it. `key` names the set of engines (a transport
+    reconnects when it changes); `worker_counts` is the number of vLLM workers per engine (TP size)."""
+
+    key: tuple
+    address: str
+    worker_counts: list[int]
+
+    def put(self, obj: Any) -> Any: ...
+
+    def connect(self, transport: str, bucket_bytes: int, args_per_engine: list[dict]) -> Pending: ...
+
+    def receive(self, version: int, payload: list) -> Pending: ...
+
+
+class InProcessLink:
+    """The control plane for engines that are plain objects in this process (tests, benchmarks). Each
+    engine's calls run on a thread of its own, so the sender can stream while the engines receive."""
+
+    address = "127.0.0.1"
+
+    def __init__(self, engines: list):
+        self.engines = list(engines)
+        self.key = tuple(id(e) for e in self.engines)
+        self.worker_counts = [1] * len(self.engines)
+        self._threads = [ThreadPoolExecutor(max_workers=1) for _ in self.engines]
+
+    def put(self, obj: Any) -> Any:
+        return copy.deepcopy(obj)  # a store owns a copy: the sender reuses its buffers
+
+    def _start(self, calls: list) -> _Futures:
+        return _Futures([pool.submit(call) for pool, call in zip(self._threads, calls)])
+
+    def connect(self, transport, bucket_bytes, args_per_engine):
+        return self._start([partial(e.connect_weights, transport, bucket_bytes, a)
+                            for e, a in zip(self.engines, args_per_engine)])
+
+    def receive(self, version, payload):
+        return self._start([partial(e.receive_weights, version, iter(payload)) for e in self.engines])
+
+
+class _Futures:
+    def __init__(self, futures: list[Future]):
+        self._futures = futures
+
+    def wait(self) -> list:
+        return [f.result() for f in self._futures]
+
+
+class WeightTransport(ABC):
+    """Both ends of one data path. Subclasses register with @register_transport(name)."""
+
+    name: ClassVar[str]
+    def __init__(self, bucket_bytes: int):
+        self.bucket_bytes = bucket_bytes
+        self._link_key: tuple | None = None
+
+    # ---- learner side (rank 0) ----------------------------------------------------------------
+    def connect_sender(self, link: EngineLink) -> None:
+        """Once per set of engines: tell each engine which transport to expect (and open the data path)."""
+        if self._link_key != link.key:
+            self._open(link)
+            self._link_key = link.key
+
+    def _open(self, link: EngineLink) -> None:
+        link.connect(self.name, self.bucket_bytes, [{} for _ in link.worker_counts]).wait()
+
+    @abstractmethod
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], link: EngineLink) -> list[int]:
+        """Deliver the tensors as `version` to every engine; returns the version each engine reports."""
+
+    # ---- engine side (each vLLM worker) -------------------------------------------------------
+    def connect_receiver(self, args: dict, worker_rank: int, device: torch.device) -> None:
+        self.device = device
+
+    @abstractmethod
+    def receive(self, version: int, payload: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the update's tensors one bucket at a time (views over that bucket's buffer)."""
+
+
+TRANSPORTS: dict[str, type[WeightTransport]] = {}
+
+
+def register_transport(name: str):
+    def wrap(cls: type[WeightTransport]) -> type[WeightTransport]:
+        cls.name = name
+        TRANSPORTS[name] = cls
+        return cls
+    return wrap
+
+
+def make_transport(name: str, bucket_bytes: int) -> WeightTransport:
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown weight transport {name!r}; choose one of {sorted(TRANSPORTS)}")
+    return TRANSPORTS[name](bucket_bytes)
+
+
+def _check_version(meta: BucketMeta, version: int) -> BucketMeta:
+    if meta.version != version:
+        raise RuntimeError(f"weight bucket {meta.index} carries version {meta.version}, expected {version}")
+    return meta
+
+
+def _read_only_bytes(buffer) -> torch.Tensor:
+    """A uint8 tensor over a (possibly read-only, zero-copy) buffer; vLLM only copies out of it."""
+    if len(memoryview(buffer).cast("B")) == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": the object store's view
+        return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+@register_transport("object_store")
+class ObjectStoreTransport(WeightTransport):
+    """Buckets go through the link's object store (Ray: one put per bucket on the learner's node, read by
+    every engine). The engine pulls the buckets one by one while vLLM reloads, so it holds one bucket
+    at a time where vLLM runs in-process; the object store holds the update until every engine is done."""
+
+    def send(self, version, named_tensors, link):
+        refs = [link.put((meta.to_json(), buffer.numpy()))
+                for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version)]
+        return link.receive(version, refs).wait()
+
+    def receive(self, version, payload):
+        for meta_json, buffer in payload:
+            yield from unpack(_check_version(BucketMeta.from_json(meta_json), version), _read_only_bytes(buffer))
+
+
+# ---- collective broadcast (NCCL on GPUs) ------------------------------------------------------------
+HEADER_BUCKET, HEADER_END = 1, 0
+
+
+def open_group(backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
+    """A process group of its own (learner rank 0 + every engine worker), apart from the learner's
+    DeepSpeed world and vLLM's own groups: a TCPStore rendezvous and a bare ProcessGroup object, the
+    'stateless group' pattern of OpenRLHF / NeMo-RL."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+    store = dist.PrefixStore("vireo-weights", store)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    raise ValueError(f"unknown backend {backend!r}; choose nccl or gloo")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@register_transport("nccl")
+class CollectiveTransport(WeightTransport):
+    """Learner rank 0 broadcasts each bucket to every engine worker over a dedicated group (NCCL on GPUs;
+    gloo where the learner has no GPU, so the same data path runs, and is tested, on CPU). The stream describes itself: per bucket a
+    header (kind, payload bytes, metadata bytes), the JSON metadata, then the payload; a header of kind
+    END closes it. Engines receive into one bucket-sized buffer while vLLM reloads: one bucket of extra
+    memory on the receive side (more while a layer spans buckets: vLLM holds its first part)."""
+
+    def _open(self, link):
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        world = 1 + sum(link.worker_counts)
+        port = free_port()
+        first = [1 + sum(link.worker_counts[:i]) for i in range(len(link.worker_counts))]
+        pending = link.connect(self.name, self.bucket_bytes,
+                               [{"host": link.address, "port": port, "world_size": world, "first_rank": r,
+                                 "backend": backend} for r in first])
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.group = open_group(backend, link.address, port, 0, world)
+        pending.wait()
+
+    def connect_receiver(self, args, worker_rank, device):
+        self.device = device
+        self.group = open_group(args["backend"], args["host"], args["port"], args["first_rank"] + worker_rank,
+                                args["world_size"])
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        self.group.broadcast([tensor], opts).wait()
+
+    def _header(self, kind: int = 0, nbytes: int = 0, meta_bytes: int = 0) -> torch.Tensor:
+        return torch.tensor([kind, nbytes, meta_bytes], dtype=torch.int64, device=self.device)
+
+    def send(self, version, named_tensors, link):
+        pending = link.receive(version, [])
+        for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version, self.device):
+            meta_bytes = torch.frombuffer(bytearray(meta.to_json().encode()), dtype=torch.uint8).to(self.device)
+            self._broadcast(self._header(HEADER_BUCKET, meta.nbytes, meta_bytes.numel()))
+            self._broadcast(meta_bytes)
+            self._broadcast(buffer)
+        self._broadcast(self._header(HEADER_END))
+        return pending.wait()
+
+    def receive(self, version, payload):
+        while True:
+            header = self._header()
+            self._broadcast(header)
+            kind, nbytes, meta_len = header.tolist()
+            if kind == HEADER_END:
+                return
+            meta_bytes = torch.empty(meta_len, dtype=torch.uint8, device=self.device)
+            self._broadcast(meta_bytes)
+            meta = _check_version(BucketMeta.from_json(bytes(meta_bytes.cpu().numpy()).decode()), version)
+            # a fresh buffer per bucket: vLLM keeps views of a layer's first weights until the layer is
+            # complete, which may be in the next bucket; a buffer is freed when its last view goes
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._broadcast(buffer)
+            yield from unpack(meta, buffer)
+
+
+# ---- CUDA IPC (same node) ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IpcBucket:
+    """One bucket shared through CUDA IPC: its metadata, the physical GPU (UUID) the buffer lives on,
+    and torch's rebuild arguments for the shared storage (torch.multiprocessing.reductions)."""
+
+    meta_json: str
+    device_uuid: str
+    rebuild_args: tuple
+
+
+# rebuild_cuda_tensor's argument that holds the device index, which is the sender's numbering
+_IPC_DEVICE_ARG = 6
+
+
+def ipc_rebuild_args_for(bucket: IpcBucket, local_uuids: list[str]) -> tuple:
+    """The rebuild arguments with the device index renumbered for this process (CUDA_VISIBLE_DEVICES
+    differs between the learner and the engine workers)."""
+    if bucket.device_uuid not in local_uuids:
+        raise RuntimeError(f"CUDA IPC: the learner's GPU {bucket.device_uuid} is not visible here "
+                           f"({local_uuids}); use the nccl transport across nodes")
+    args = list(bucket.rebuild_args)
+    args[_IPC_DEVICE_ARG] = local_uuids.index(bucket.device_uuid)
+    return tuple(args)
+
+
+def _cuda_uuids() -> list[str]:
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+@register_transport("cuda_ipc")
+class CudaIpcTransport(WeightTransport):
+    """Learner and engines on one node: rank 0 packs every bucket into its own GPU buffer and sends only
+    handles; each engine worker maps the buffers and vLLM copies out of them GPU to GPU. The learner
+    holds the sent groups once more on its GPU until every engine is done; engines hold nothing extra."""
+
+    def send(self, version, named_tensors, link):
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        device = torch.device("cuda", torch.cuda.current_device())
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        buffers, payload = [], []
+        for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version, device, reuse_buffer=False):
+            buffers.append(buffer)  # alive until every engine has copied out of it
+            _, args = reduce_tensor(buffer)
+            payload.append(IpcBucket(meta.to_json(), uuid, tuple(args)))
+        torch.cuda.synchronize(device)
+        return link.receive(version, payload).wait()
+
+    def receive(self, version, payload):
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        uuids = _cuda_uuids()
+        for bucket in payload:
+            buffer = rebuild_cuda_tensor(*ipc_rebuild_args_for(bucket, uuids))
+            yield from unpack(_check_version(BucketMeta.from_json(bucket.meta_json), version), buffer)
