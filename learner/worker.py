@@ -123,6 +123,7 @@ class LearnerWorker:
             self.ref_model = self._copy_of().to(self.device)
             self.ref_model.eval().requires_grad_(False)
         self.stage, self.stage_step, self.trainable_params = spec, 0, trainable
+        self._trained_since_sync.update(g for g, n in trainable.items() if n)  # they may change from now on
         return trainable
 
     def _current_model(self) -> torch.nn.Module:

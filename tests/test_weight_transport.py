@@ -131,6 +131,7 @@ def setup(rollout_engine, tiny_model_dir):
     original = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
     problem = generate_problem("color", 0)
     text = render_prompt(rollout_engine.processor, problem.question) + "<think>It is red.</think> \\boxed{A}<|im_end|>"
+    _send(rollout_engine, "object_store", original.state_dict().items())  # other tests may have changed it
     yield rollout_engine, original, text, problem.images
     _send(rollout_engine, "object_store", original.state_dict().items())  # leave the shared engine as built
 
@@ -182,10 +183,11 @@ class _RecordingEngine:
 
 
 def _zero3_rank(rank: int, world: int, model_path: str, out: str, port: int) -> None:
+    from learner.types import StageSpec
     from learner.worker import LearnerConfig, LearnerWorker
 
-    worker = LearnerWorker(model_path, LearnerConfig(zero_stage=3, trainable=["connector", "llm"], weight_bucket_mb=0.05),
-                           rank, world, "127.0.0.1", port)
+    worker = LearnerWorker(model_path, LearnerConfig(zero_stage=3, weight_bucket_mb=0.05), rank, world, "127.0.0.1", port)
+    worker.begin_stage(StageSpec("rl", trainable=("connector", "llm")))
     engine = _RecordingEngine()
     report = worker.sync_weights(InProcessLink([engine]) if rank == 0 else None)
     torch.save({"report": report.__dict__, "received": getattr(engine, "received", None)}, f"{out}.{rank}")
