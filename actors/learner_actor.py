@@ -5,6 +5,7 @@ import socket
 
 import ray
 
+from actors.supervision import get_all
 from actors.weight_link import RayEngineLink
 from learner.types import StageSpec, TrainBatch
 from learner.weight_sender import SyncReport
@@ -14,14 +15,18 @@ from learner.worker import LearnerConfig, LearnerWorker
 @ray.remote
 class LearnerActor:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, master_addr: str,
-                 master_port: int):
+                 master_port: int, version: int = 0):
         self.worker = LearnerWorker(model_path, cfg, rank, world_size, master_addr, master_port)
+        self.worker.version = version
+
+    def ready(self) -> int:
+        return self.worker.rank
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.worker.train_step(batch)
 
-    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
-        return self.worker.begin_stage(spec)
+    def begin_stage(self, spec: StageSpec, reference: str | None = None) -> dict[str, int]:
+        return self.worker.begin_stage(spec, reference)
 
     def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
         return self.worker.evaluate_responses(batch)
@@ -32,10 +37,21 @@ class LearnerActor:
     def save_hf(self, out_dir: str) -> None:
         self.worker.save_hf(out_dir)
 
-    def sync_weights(self, rollout_actors: list) -> SyncReport:
-        """Every rank takes part; rank 0 sends the groups that can have changed through the configured
-        transport (learner.optim.weight_transport) and checks every engine reports the new version."""
-        return self.worker.sync_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None)
+    def save_training_state(self, out_dir: str) -> None:
+        self.worker.save_training_state(out_dir)
+
+    def load_training_state(self, in_dir: str) -> None:
+        self.worker.load_training_state(in_dir)
+
+    def sync_weights(self, rollout_actors: list, everything: bool = False) -> SyncReport:
+        """Every rank takes part; rank 0 sends the groups that can have changed (every group when
+        `everything`) as the next version through the configured transport (learner.optim.weight_transport)
+        and checks every engine reports it."""
+        return self.worker.sync_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None, everything)
+
+    def push_weights(self, rollout_actors: list) -> SyncReport:
+        """Every group at the current version to engines that started from the run's base weights."""
+        return self.worker.push_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None)
 
 
 def free_port() -> int:
@@ -45,34 +61,60 @@ def free_port() -> int:
 
 
 class LearnerGroup:
-    """L learner actors forming one DeepSpeed/torch.distributed world; each call goes to all ranks."""
+    """L learner actors forming one DeepSpeed/torch.distributed world; each call goes to all ranks and
+    fails fast, naming the rank, when one of them dies or a call passes `timeout_s`."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, num_ranks: int, num_cpus: float, num_gpus: float,
-                 master_port: int = 0):
+                 master_port: int = 0, timeout_s: float = 3600.0, version: int = 0):
         master_addr = ray.util.get_node_ip_address() if num_gpus else "127.0.0.1"
         port = master_port or free_port()
+        self.timeout_s = timeout_s
         self.actors = [
             LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
-                model_path, cfg, rank, num_ranks, master_addr, port)
+                model_path, cfg, rank, num_ranks, master_addr, port, version)
             for rank in range(num_ranks)
         ]
+        self.names = [f"learner rank {rank}" for rank in range(num_ranks)]
+
+    def _each(self, method: str, per_rank: list) -> list:
+        if len(per_rank) != len(self.actors):
+            raise ValueError(f"need one shard per rank ({len(self.actors)}), got {len(per_rank)}")
+        return get_all([getattr(a, method).remote(x) for a, x in zip(self.actors, per_rank)], self.timeout_s,
+                       self.names)
+
+    def _same(self, method: str, *args) -> list:
+        return get_all([getattr(a, method).remote(*args) for a in self.actors], self.timeout_s, self.names)
+
+    def ready(self) -> None:
+        self._same("ready")
 
     def train_step(self, shards: list[TrainBatch]) -> dict[str, float]:
-        if len(shards) != len(self.actors):
-            raise ValueError(f"need one shard per rank ({len(self.actors)}), got {len(shards)}")
-        return ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])[0]
+        return self._each("train_step", shards)[0]
 
-    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
-        return ray.get([a.begin_stage.remote(spec) for a in self.actors])[0]
+    def begin_stage(self, spec: StageSpec, reference: str | None = None) -> dict[str, int]:
+        return self._same("begin_stage", spec, reference)[0]
 
     def evaluate_responses(self, shards: list[TrainBatch]) -> dict[str, float]:
-        return ray.get([a.evaluate_responses.remote(s) for a, s in zip(self.actors, shards, strict=True)])[0]
+        return self._each("evaluate_responses", shards)[0]
 
-    def sync_weights(self, rollout_actors: list) -> int:
-        return ray.get([a.sync_weights.remote(rollout_actors) for a in self.actors])[0].version
+    def sync_weights(self, rollout_actors: list, everything: bool = False) -> int:
+        return self._same("sync_weights", rollout_actors, everything)[0].version
+
+    def push_weights(self, rollout_actors: list) -> None:
+        self._same("push_weights", rollout_actors)
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
-        return ray.get([a.probe_logprobs.remote(text, images) for a in self.actors])[0]
+        return self._same("probe_logprobs", text, images)[0]
 
     def save_hf(self, out_dir: str) -> None:
-        ray.get([a.save_hf.remote(out_dir) for a in self.actors])
+        self._same("save_hf", out_dir)
+
+    def save_training_state(self, out_dir: str) -> None:
+        self._same("save_training_state", out_dir)
+
+    def load_training_state(self, in_dir: str) -> None:
+        self._same("load_training_state", in_dir)
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)

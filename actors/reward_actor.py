@@ -12,8 +12,8 @@ class RewardActor:
     def __init__(self, config: RewardConfig):
         self.scorer = RewardScorer(config)
 
-    def score_batch(self, requests):
-        return self.scorer.score_batch(requests)
+    def score_batch(self, requests, draw: int = 0):
+        return self.scorer.score_batch(requests, draw)
 
     def score_benchmark(self, rows: list[dict], protocol: str, mode: str):
         """Held-out rows judged by the benchmark protocol (the same code as `vireo eval`), in this

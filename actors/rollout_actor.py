@@ -16,8 +16,8 @@ def _lazily_resolved(payload: list):
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, model_path: str, options: EngineOptions, on_gpu: bool):
-        self.engine = RolloutEngine(model_path, options, on_gpu=on_gpu)
+    def __init__(self, model_path: str, options: EngineOptions, on_gpu: bool, version: int = 0):
+        self.engine = RolloutEngine(model_path, options, on_gpu=on_gpu, version=version)
 
     def generate(self, requests, sampling):
         return self.engine.generate(requests, sampling)

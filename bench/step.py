@@ -45,8 +45,7 @@ def start(model_path: str, data_dir: Path | None, overrides: list[str]) -> Contr
 
 
 def stop(controller: Controller) -> None:
-    for actor in controller.rollouts + controller.learners.actors + [controller.reward]:
-        ray.kill(actor)
+    controller.stop_actors()
 
 
 def measure(controller: Controller, steps: int, prompts: int, n: int, tokens: int) -> dict[str, float]:

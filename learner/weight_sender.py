@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from learner.param_groups import GROUPS
 from rollout.weight_transport import EngineLink, WeightTransport
 
 
@@ -38,11 +39,23 @@ class WeightSender:
 
     def sync(self, version: int, trainable: Collection[str],
              named_weights: Callable[[Collection[str]], Iterable[tuple[str, torch.Tensor]]],
-             link: EngineLink | None) -> SyncReport:
+             link: EngineLink | None, everything: bool = False) -> SyncReport:
         """`named_weights(groups)` yields the groups' full tensors (each valid until the next, as under
-        ZeRO-3); `link` reaches the engines and is needed on rank 0 only."""
+        ZeRO-3); `link` reaches the engines and is needed on rank 0 only. `everything` sends every group
+        (after a failed sync, when some engines may hold the new version and others not)."""
+        report = self._send(version, GROUPS if everything else self.groups_to_send(trainable), named_weights, link)
+        self._trainable_at_last_sync = frozenset(trainable)
+        return report
+
+    def push(self, version: int, named_weights: Callable[[Collection[str]], Iterable[tuple[str, torch.Tensor]]],
+             link: EngineLink | None) -> SyncReport:
+        """Every group, as the version the other engines hold, to engines that started from the run's base
+        weights (a replaced rollout actor); the bookkeeping of what the other engines hold is untouched."""
+        return self._send(version, GROUPS, named_weights, link)
+
+    def _send(self, version, groups, named_weights, link) -> SyncReport:
         start = time.perf_counter()
-        groups = self.groups_to_send(trainable)
+        groups = tuple(groups)
         counted = _Counted(named_weights(groups))
         if self.rank == 0:
             if link is None:
@@ -54,7 +67,6 @@ class WeightSender:
         else:
             for _ in counted:  # take part in every gather; pack nothing
                 pass
-        self._trainable_at_last_sync = frozenset(trainable)
         return SyncReport(version, groups, counted.tensors, counted.nbytes, time.perf_counter() - start)
 
 

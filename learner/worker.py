@@ -26,6 +26,9 @@ from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
 from rollout.weight_transport import TRANSPORTS, EngineLink, make_transport
 
+# In a folder of its own: vLLM loads every *.safetensors file at the top of a checkpoint as weights.
+OPTIMIZER_FILE = os.path.join("optimizer", "adamw.safetensors")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
 _TIED_SUFFIXES = ("lm_head.weight",)
 
@@ -93,11 +96,12 @@ class LearnerWorker:
         self.version = 0
 
     # ---- stages ---------------------------------------------------------------------------------
-    def begin_stage(self, spec: StageSpec) -> dict[str, int]:
+    def begin_stage(self, spec: StageSpec, reference: str | None = None) -> dict[str, int]:
         """(Re)build the DeepSpeed engine for a stage, keeping the weights: the optimiser holds exactly
         the stage's trainable groups, with fresh moments (a frozen group really stays frozen, a newly
         trainable one really trains). The KL reference, when the stage has one, is the policy as the
-        stage starts. Returns the trainable parameter count per group."""
+        stage starts: `reference` is its checkpoint when a run resumes inside the stage. Returns the
+        trainable parameter count per group."""
         import deepspeed
 
         model = self._current_model()
@@ -120,7 +124,10 @@ class LearnerWorker:
                                                model_parameters=params)
         self.ref_model = None
         if spec.loss.kl_coef > 0:
-            self.ref_model = self._copy_of().to(self.device)
+            from transformers import AutoModelForImageTextToText
+
+            self.ref_model = (AutoModelForImageTextToText.from_pretrained(reference, dtype=dtype) if reference
+                              else self._copy_of()).to(self.device)
             self.ref_model.eval().requires_grad_(False)
         self.stage, self.stage_step, self.trainable_params = spec, 0, trainable
         self._trained_since_sync.update(g for g, n in trainable.items() if n)  # they may change from now on
@@ -341,12 +348,17 @@ class LearnerWorker:
         transport = make_transport(self.cfg.weight_transport, int(self.cfg.weight_bucket_mb * 2**20))
         return WeightSender(transport, self.rank)
 
-    def sync_weights(self, link: EngineLink | None) -> SyncReport:
-        """Send the groups that can have changed as the next version (all ranks call this; rank 0 sends
-        through `link`, the others join the ZeRO-3 gathers)."""
-        report = self.weight_sender.sync(self.next_version(), self.trainable_groups(), self.named_weights, link)
+    def sync_weights(self, link: EngineLink | None, everything: bool = False) -> SyncReport:
+        """Send the groups that can have changed (every group when `everything`) as the next version (all
+        ranks call this; rank 0 sends through `link`, the others join the ZeRO-3 gathers)."""
+        report = self.weight_sender.sync(self.next_version(), self.trainable_groups(), self.named_weights, link,
+                                         everything)
         self._trained_since_sync.clear()
         return report
+
+    def push_weights(self, link: EngineLink | None) -> SyncReport:
+        """The current version, whole, to replaced engines (all ranks call this, as for sync_weights)."""
+        return self.weight_sender.push(self.version, self.named_weights, link)
 
     def next_version(self) -> int:
         self.version += 1
@@ -369,6 +381,79 @@ class LearnerWorker:
             self._module().save_pretrained(out_dir, state_dict=state)
             self.processor.save_pretrained(out_dir)
         dist.barrier()
+
+    # ---- resumable state ------------------------------------------------------------------------
+    def save_training_state(self, out_dir: str) -> None:
+        """The learner's part of a resumable checkpoint: the HF export (the weights, which vLLM and
+        `vireo eval` load too) and AdamW's moments as full tensors per parameter name with the step count
+        (OPTIMIZER_FILE). Gathered, so a run resumes on any number of ranks and any ZeRO stage — the idea
+        of DeepSpeed's universal checkpoint, written directly. Collective: every rank calls it."""
+        self.save_hf(out_dir)
+        moments = {f"{key}/{name}": value.to("cpu", copy=True) for name, key, value in self._moments()}
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            os.makedirs(os.path.join(out_dir, os.path.dirname(OPTIMIZER_FILE)), exist_ok=True)
+            save_file(moments, os.path.join(out_dir, OPTIMIZER_FILE),
+                      metadata={"optimizer_steps": str(self._optimizer_steps()), "stage_step": str(self.stage_step)})
+        dist.barrier()
+
+    def load_training_state(self, in_dir: str) -> None:
+        """Continue the begun stage from save_training_state's checkpoint (the weights came with the model
+        path): AdamW's moments and step count, and the stage's step, which places the lr schedule."""
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(in_dir, OPTIMIZER_FILE), "pt") as f:
+            meta = f.metadata()
+            moments = {key: f.get_tensor(key) for key in f.keys()}
+        self._require_stage()
+        self.stage_step = int(meta["stage_step"])
+        steps = int(meta["optimizer_steps"])
+        if not steps:  # saved before the stage's first update: AdamW has no state yet
+            return
+        base = self._base_optimizer()
+        for group in base.param_groups:  # AdamW initialises its state lazily; give it the saved step count
+            for flat in group["params"]:
+                state = base.state[flat]
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+                state["step"] = torch.tensor(float(steps))
+        if hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (deepspeed 0.19)
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for name, param in self._module().named_parameters():
+            if not param.requires_grad:
+                continue
+            for key in ADAM_MOMENTS:
+                value = moments[f"{key}/{name}"].to(self.device)
+                if self.cfg.zero_stage == 0:
+                    base.state[param][key].copy_(value)
+                else:
+                    safe_set_full_optimizer_state(param, value, key)
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW under DeepSpeed's ZeRO wrapper (itself when ZeRO is off)."""
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+
+    def _optimizer_steps(self) -> int:
+        states = [s for s in self._base_optimizer().state.values() if "step" in s]
+        return int(states[0]["step"]) if states else 0
+
+    def _moments(self) -> Iterator[tuple[str, str, torch.Tensor]]:
+        """(name, moment, full tensor) of every trainable parameter; a collective under ZeRO."""
+        if self.engine is None or not self._optimizer_steps():
+            return
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = self._base_optimizer()
+        for name, param in self._module().named_parameters():
+            if param.requires_grad:
+                for key in ADAM_MOMENTS:
+                    value = (base.state[param][key] if self.cfg.zero_stage == 0
+                             else safe_get_full_optimizer_state(param, key))
+                    yield name, key, value
 
 
 def _padding(sample: TrainSample) -> TrainSample:

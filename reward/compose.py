@@ -91,7 +91,6 @@ class RewardScorer:
         if config.kind not in REWARD_KINDS:
             raise ValueError(f"unknown reward kind {config.kind!r}; known: {', '.join(sorted(REWARD_KINDS))}")
         self.config = config
-        self._rng = random.Random(config.seed)
         self._sandbox = Sandbox(
             score_accuracy, workers=config.workers, timeout_s=config.timeout_s, memory_mb=config.worker_memory_mb
         )
@@ -114,16 +113,17 @@ class RewardScorer:
             results[i] = outcome.value if outcome.error is None else failed
         return results  # type: ignore[return-value]
 
-    def score_batch(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
+    def score_batch(self, requests: Sequence[ScoreRequest], draw: int = 0) -> list[RewardResult]:
         """score = accuracy_weight·accuracy + format_weight·format, passed through the configured reward kind;
         parts keeps the rule scores (so a control run still logs its real accuracy); parsed and error come
-        from the accuracy scorer."""
+        from the accuracy scorer. A reward kind's random draws come from (seed, draw) — the controller
+        passes the step — so a restarted reward actor or a resumed run draws exactly what it would have."""
         scored = []
         for request, accuracy in zip(requests, self.accuracy_batch(requests)):
             parts = {"accuracy": accuracy.parts["accuracy"], "format": score_format(request.response)}
             score = self.config.accuracy_weight * parts["accuracy"] + self.config.format_weight * parts["format"]
             scored.append(RewardResult(score, parts, accuracy.parsed, accuracy.error))
-        final = REWARD_KINDS[self.config.kind]([r.score for r in scored], self._rng)
+        final = REWARD_KINDS[self.config.kind]([r.score for r in scored], random.Random(f"{self.config.seed}/{draw}"))
         return [dataclasses.replace(r, score=f) for r, f in zip(scored, final)]
 
     def close(self) -> None:

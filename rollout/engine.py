@@ -11,14 +11,15 @@ from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 class RolloutEngine:
     """Plain-Python core of a rollout actor (tests call it without Ray)."""
 
-    def __init__(self, model_path: str, options: vllm_adapter.EngineOptions, on_gpu: bool = False):
+    def __init__(self, model_path: str, options: vllm_adapter.EngineOptions, on_gpu: bool = False, version: int = 0):
+        """`version` labels the weights at model_path (a resumed run's checkpoint carries its version)."""
         vllm_adapter.configure_process_env(options, on_gpu)
         from transformers import AutoProcessor
 
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.banned_token_ids = image_token_ids(self.processor)
         self.llm = vllm_adapter.make_llm(model_path, options)
-        self._version = 0
+        self._version = version
         self._transport: str | None = None
 
     def weights_version(self) -> int:
@@ -28,6 +29,7 @@ class RolloutEngine:
         params = vllm_adapter.sampling_params(sampling.n, sampling.temperature, sampling.top_p, sampling.max_tokens,
                                               sampling.seed, self.banned_token_ids, len(requests))
         inputs = [vllm_adapter.engine_input(r.prompt, decode_images(r.images)) for r in requests]
+        vllm_adapter.seed_sampler(sampling.seed)
         outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [
             Trajectory(prompt_id=req.prompt_id, sample_index=i, prompt_token_ids=list(out.prompt_token_ids),

@@ -77,6 +77,17 @@ def per_request_seeds_supported() -> bool:
     return torch.cuda.is_available()
 
 
+def seed_sampler(seed: int | None) -> None:
+    """Where per-request seeds are not used (CPU), vLLM samples from the engine process's global torch
+    generator; seeding it per call makes a step's samples a function of the step's seed, so a resumed run
+    draws what the uninterrupted one drew (in-process engine only: with worker processes the generator
+    lives in the worker)."""
+    import torch
+
+    if seed is not None and not per_request_seeds_supported() and _in_process():
+        torch.manual_seed(seed)
+
+
 def request_seeds(seed: int | None, n: int, num_requests: int, supported: bool) -> list[int | None]:
     """A distinct seed per request: vLLM seeds the n samples of a request seed, seed+1, ..., so request
     i starts at seed + i*n and no two samples of a step share a seed."""

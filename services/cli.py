@@ -28,17 +28,28 @@ def _make_data(args) -> int:
 
 
 def _train(args) -> int:
-    from services.config import ConfigError, load_config
-    from services.controller import Controller, stage_table
+    from services.config import ConfigError, load_config, resume_config
+    from services.controller import Controller, RunStopped, stage_table
     from services.selection import format_ranking
 
     try:
         cfg = load_config(args.config, args.overrides)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (run_dir / "config.yaml").is_file():  # a run lives there: resume it, with its own config
+            if not cfg.resume:
+                raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
+            cfg = resume_config(run_dir / "config.yaml", args.overrides)
     except ConfigError as exc:
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = Controller(cfg, run_dir).run()
+    try:
+        report = Controller(cfg, run_dir).run()
+    except RunStopped as stop:
+        print(f"vireo train: {stop}", file=sys.stderr)
+        return stop.code
+    except KeyboardInterrupt:
+        print(f"vireo train: stopped at once; resume with: vireo train run_dir={run_dir}", file=sys.stderr)
+        return 130
     print(stage_table(report))
     print(format_ranking({"by": "critical_entropy", **{k: report[k] for k in (
         "checkpoint_ranking", "critical_entropy_accuracy_spearman")}}))

@@ -58,8 +58,7 @@ def make_coldstart(model: str, data: str, out: str, *, samples: int = 8, max_per
             log(f"[coldstart] {min(i + BATCH_PROBLEMS, len(loaded.problems))}/{len(loaded.problems)} problems, "
                 f"{solved} with a kept trace")
     finally:
-        for actor in controller.rollouts + [controller.reward]:
-            ray.kill(actor)
+        controller.stop_actors()
         if started_ray:
             ray.shutdown()
     write_problems(out, kept)

@@ -15,6 +15,7 @@ from reward.compose import REWARD_KINDS, RewardConfig
 from reward.types import ANSWER_TYPES
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT
 from rollout.vllm_adapter import EngineOptions
+from services.checkpoints import CheckpointConfig
 
 
 @dataclass
@@ -179,9 +180,27 @@ class StageConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Deadlines of remote calls (a call past its deadline counts as a hung actor) and how many times a run
+    may replace a dead or hung rollout / reward actor. Generation and scoring of one step fit well inside
+    the defaults on a laptop; a 38B run's minutes-long steps need larger ones."""
+
+    rollout_timeout_s: float = 600.0
+    reward_timeout_s: float = 600.0
+    learner_timeout_s: float = 3600.0
+    startup_timeout_s: float = 600.0  # a new actor loading its model
+    max_restarts: int = 20
+
+
+@dataclass
 class RunConfig:
+    """run_dir: where the run lives (empty: out_dir/<name>-<time>). A run_dir that already holds a run is
+    resumed from its latest checkpoint, with the run's own saved config; resume=false refuses instead."""
+
     name: str = "vireo"
     out_dir: str = "runs"
+    run_dir: str = ""
+    resume: bool = True
     ray_address: str = ""
     worker_logs_to_console: bool = False  # else actors' logs stay in Ray's session log directory
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -191,6 +210,8 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
 
 
@@ -241,6 +262,7 @@ def validate(cfg: RunConfig) -> None:
     from learner.schedules import LR_SCHEDULES
     from reward import mmmu
     from reward.benchmark import PROTOCOLS
+    from services.selection import CRITERIA
     from services.stages import STAGE_KINDS
 
     def one_of(value, known, key: str) -> tuple[bool, str]:
@@ -264,6 +286,12 @@ def validate(cfg: RunConfig) -> None:
         (cfg.evaluation.max_tokens >= 1, "evaluation.max_tokens must be >= 1"),
         (cfg.evaluation.temperature >= 0, "evaluation.temperature must be >= 0"),
         (len(cfg.stages) >= 1, "stages must list at least one stage"),
+        (cfg.checkpoint.keep_last >= 0 and cfg.checkpoint.keep_best >= 0, "checkpoint.keep_last/keep_best must be >= 0"),
+        one_of(cfg.checkpoint.select_by, CRITERIA, "checkpoint.select_by"),
+        (min(cfg.faults.rollout_timeout_s, cfg.faults.reward_timeout_s, cfg.faults.learner_timeout_s,
+         cfg.faults.startup_timeout_s) > 0,
+         "faults.*_timeout_s must be > 0"),
+        (cfg.faults.max_restarts >= 0, "faults.max_restarts must be >= 0"),
         (len({s.name for s in cfg.stages}) == len(cfg.stages), "stage names must be unique"),
     ]
     for i, stage in enumerate(cfg.stages):
@@ -308,6 +336,44 @@ def validate(cfg: RunConfig) -> None:
     errors = [msg for ok, msg in checks if not ok]
     if errors:
         raise ConfigError("bad config: " + "; ".join(errors))
+
+
+# Keys a resumed run may change: where and on how many actors it runs, how it logs and keeps checkpoints,
+# not what it computes (a different number of learner ranks gives the same sums, up to float rounding).
+RESUMABLE_CHANGES = ("name", "out_dir", "run_dir", "resume", "ray_address", "worker_logs_to_console",
+                     "rollout.num_actors", "rollout.num_cpus_per_actor", "rollout.num_gpus_per_actor",
+                     "rollout.engine.cpu_threads", "rollout.engine.cpu_kvcache_gib",
+                     "rollout.engine.gpu_memory_utilization", "learner.num_ranks", "learner.num_cpus_per_rank",
+                     "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.micro_batch_size",
+                     "reward.workers", "faults.", "checkpoint.keep_last", "checkpoint.keep_best", "tracking.")
+
+
+def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config a resumed run continues with: its own saved one plus the key=value overrides, which may
+    only touch RESUMABLE_CHANGES; an override that would change the run's math is a ConfigError naming
+    the key. (A CONFIG file given again is not read: the run's own config is the one it started with.)"""
+    saved = load_config(str(saved_path))
+    resumed = load_config(str(saved_path), overrides)
+    want, have = _flat(OmegaConf.structured(resumed)), _flat(OmegaConf.structured(saved))
+    refused = sorted(k for k in want.keys() | have.keys()
+                     if want.get(k) != have.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if refused:
+        raise ConfigError(f"bad config: resuming {saved_path.parent} with an override that changes the run's "
+                          "math: " + ", ".join(f"{k}={want.get(k)!r} (the run has {have.get(k)!r})" for k in refused))
+    return resumed
+
+
+def _flat(node, prefix: str = "") -> dict:
+    container = OmegaConf.to_container(node) if not isinstance(node, dict | list) else node
+    out = {}
+    items = container.items() if isinstance(container, dict) else enumerate(container)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, dict | list) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -5,9 +5,13 @@ controller -> rollout actors -> reward actor -> controller (advantages) -> learn
 """
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import math
 import os
+import random
+import signal
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,22 +21,35 @@ import ray
 import torch
 
 from actors.learner_actor import LearnerGroup
+from actors.local_ray import start_local_ray
 from actors.reward_actor import RewardActor
 from actors.rollout_actor import RolloutActor
+from actors.supervision import ActorFailure, RestartBudget, RolloutPool, Supervised, actor_lost
 from learner.types import TrainBatch, TrainSample
 from reward.types import RewardResult, ScoreRequest
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
+from services.checkpoints import CheckpointStore, atomic_write_text
 from services.config import RunConfig, StageConfig, to_yaml
 from services.data.loading import load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
 from services.stages import EndRule, StageKind, get_stage_kind
-from services.selection import selection_summary
+from services.selection import checkpoint_ranking, selection_summary
 from services.tracking import JsonlBackend, Tracker, read_metrics
 
 REWARD_CPUS = 0.1
+EXIT_INTERRUPTED = 130
+
+
+class RunStopped(Exception):
+    """The run ended before its last stage: interrupted (after saving) or an actor it cannot replace was
+    lost. The message says why and how to resume; `code` is the exit status for the command line."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
 
 
@@ -65,20 +82,6 @@ class StagePlan:
         return sum(len(s) for s in self.sources) / self.cfg.batch_size
 
 
-def start_local_ray(attempts: int = 3, **options) -> None:
-    """ray.init for a one-machine run. On a loaded machine Ray's node start-up can time out while its
-    agents import ("The current node timed out during startup"); that is retried, not fatal."""
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(include_dashboard=False, **options)
-            return
-        except Exception as exc:  # Ray raises a bare Exception for a start-up timeout
-            if "timed out during startup" not in str(exc) or attempt == attempts:
-                raise
-            ray.shutdown()
-
-
 def _chunks(items: list, n: int) -> list[list]:
     """Split into n contiguous, nearly equal parts (some may be empty when len(items) < n)."""
     k, r = divmod(len(items), n)
@@ -100,30 +103,37 @@ def shard_batch(samples: list[TrainSample], ranks: int) -> list[TrainBatch]:
 
 class Controller:
     def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
         self.on_gpu = torch.cuda.is_available() or cfg.rollout.num_gpus_per_actor > 0
         self.skipped: Counter = Counter()
         self.dirty = False  # the learner holds weights the engines have not received
+        self.weights_version = 0
+        self.stop_requested: str | None = None
+        self.store: CheckpointStore | None = None
+        self.last_checkpoint: str | None = None
         self._loaded: dict[tuple[str, bool], list[Problem]] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
     def prepare(self) -> list[StagePlan]:
-        """Model and data: real ones from their paths, else the embedded default built into the run.
-        Every stage's data is loaded and checked here, before any actor starts."""
+        """Model and data: real ones from their paths, else the embedded default built into the run (once:
+        a resumed run finds them there). Every stage's data is loaded and checked here, before any actor
+        starts."""
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         if not cfg.model.path:
             from learner.model_factory import make_model
 
-            cfg.model.path = str(make_model(self.run_dir / "model", cfg.model.arch, cfg.model.seed))
+            cfg.model.path = str(_built_once(self.run_dir / "model",
+                                             lambda out: make_model(out, cfg.model.arch, cfg.model.seed)))
         if not cfg.data.train:
             from services.data.synthetic import make_dataset
 
-            make_dataset(self.run_dir / "data", cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks,
-                         image_size=cfg.data.image_size, seed=cfg.data.seed)
-            cfg.data.train = str(self.run_dir / "data" / "train.parquet")
-            cfg.data.heldout = cfg.data.heldout or str(self.run_dir / "data" / "heldout.parquet")
+            data = _built_once(self.run_dir / "data", lambda out: make_dataset(
+                out, cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks, image_size=cfg.data.image_size,
+                seed=cfg.data.seed))
+            cfg.data.train = str(data / "train.parquet")
+            cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
         plans = [self._plan(stage) for stage in cfg.stages]
         self.load_processor()
         self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
@@ -168,9 +178,12 @@ class Controller:
             self._loaded[key] = result.problems
         return self._loaded[key]
 
-    def start_actors(self, learners: bool = True) -> None:
-        """Rollout actors and the reward actor, and (unless only generating) the learner group."""
-        cfg = self.cfg
+    def start_actors(self, learners: bool = True, model_path: str | None = None) -> None:
+        """Rollout actors and the reward actor, and (unless only generating) the learner group, all from
+        `model_path` (default: the run's model; a resumed run's checkpoint, whose weights are
+        `self.weights_version`)."""
+        cfg, faults = self.cfg, self.cfg.faults
+        model_path = model_path or cfg.model.path
         ranks = cfg.learner.num_ranks if learners else 0
         needed = {"CPU": cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + REWARD_CPUS
                   + ranks * cfg.learner.num_cpus_per_rank,
@@ -186,19 +199,39 @@ class Controller:
         if short:
             raise RuntimeError("the Ray cluster cannot place vireo's actors: "
                                + ", ".join(f"{k} needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items()))
-        self.rollouts = [
-            RolloutActor.options(num_cpus=cfg.rollout.num_cpus_per_actor, num_gpus=cfg.rollout.num_gpus_per_actor)
-            .remote(cfg.model.path, cfg.rollout.engine, self.on_gpu)
-            for _ in range(cfg.rollout.num_actors)
-        ]
-        self.reward = RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward)
-        self.learners = None if not learners else LearnerGroup(cfg.model.path, cfg.learner.optim, cfg.learner.num_ranks,
-                                     cfg.learner.num_cpus_per_rank, cfg.learner.num_gpus_per_rank,
-                                     cfg.learner.master_port)
-        self.versions()  # waits until every engine is up
+        version = self.weights_version
+        self.restarts = RestartBudget(faults.max_restarts)
+        self.pool = RolloutPool(
+            lambda: RolloutActor.options(num_cpus=cfg.rollout.num_cpus_per_actor,
+                                         num_gpus=cfg.rollout.num_gpus_per_actor).remote(
+                model_path, cfg.rollout.engine, self.on_gpu, version),
+            cfg.rollout.num_actors, faults.rollout_timeout_s, self.restarts, self.log, faults.startup_timeout_s)
+        self.reward = Supervised(lambda: RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward),
+                                 "reward actor", faults.reward_timeout_s, self.restarts, self.log)
+        self.learners = None if not learners else LearnerGroup(
+            model_path, cfg.learner.optim, cfg.learner.num_ranks, cfg.learner.num_cpus_per_rank,
+            cfg.learner.num_gpus_per_rank, cfg.learner.master_port, faults.learner_timeout_s, version)
+        if self.learners:
+            # a replaced rollout actor starts from model_path: bring it to the learner's current weights
+            self.pool.catch_up = lambda actors: (self.learners.push_weights(actors)
+                                                 if self.weights_version != version else None)
+            self.learners.ready()
+        self.pool.ready()
+
+    @property
+    def rollouts(self) -> list:
+        return self.pool.actors
+
+    def stop_actors(self) -> None:
+        """Kill every actor of the run that was started (on a shared cluster nothing of it may linger)."""
+        pool, reward, learners = (getattr(self, name, None) for name in ("pool", "reward", "learners"))
+        for actor in (pool.actors if pool else []) + ([reward.actor] if reward else []):
+            ray.kill(actor, no_restart=True)
+        if learners:
+            learners.kill()
 
     def versions(self) -> list[int]:
-        return ray.get([a.weights_version.remote() for a in self.rollouts])
+        return self.pool.call_all("weights_version")
 
     # ---- what stage kinds call ---------------------------------------------------------------------
     def _requests(self, problems: list[Problem]) -> list[RolloutRequest]:
@@ -206,18 +239,22 @@ class Controller:
                                p.images) for p in problems]
 
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
-        """Spread prompts over the rollout actors; refuses to roll out with mixed weight versions."""
+        """Spread prompts over the rollout actors (a lost actor's share goes to the live ones); refuses to
+        roll out with mixed weight versions. Each shard has seeds of its own (request i of the step starts
+        at seed + i·n, wherever it runs)."""
         versions = self.versions()
         if len(set(versions)) != 1:
             raise RuntimeError(f"rollout actors hold mixed weight versions {versions}; refusing to roll out")
-        shards = _chunks(self._requests(problems), len(self.rollouts))
-        futures = [a.generate.remote(s, sampling) for a, s in zip(self.rollouts, shards) if s]
-        return [t for part in ray.get(futures) for t in part]
+        shards = [s for s in _chunks(self._requests(problems), len(self.rollouts)) if s]
+        starts = [sum(len(s) for s in shards[:i]) for i in range(len(shards))]
+        calls = [(shard, sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + k * sampling.n))
+                 for shard, k in zip(shards, starts)]
+        return [t for part in self.pool.map("generate", calls) for t in part]
 
-    def score(self, problems: dict[str, Problem], trajectories: list[Trajectory]) -> list[RewardResult]:
+    def score(self, problems: dict[str, Problem], trajectories: list[Trajectory], draw: int = 0) -> list[RewardResult]:
         requests = [ScoreRequest(t.response_text, problems[t.prompt_id].answer, problems[t.prompt_id].answer_type,
                                  problems[t.prompt_id].options) for t in trajectories]
-        return ray.get(self.reward.score_batch.remote(requests))
+        return self.reward.call("score_batch", requests, draw)
 
     def sft_sample(self, problem: Problem) -> TrainSample:
         """Prompt ids as the engine builds them (images expanded) and the problem's solution as target."""
@@ -233,13 +270,23 @@ class Controller:
         return metrics
 
     def sync(self) -> dict[str, float]:
-        """Learner -> every rollout actor, then check the version landed everywhere and probe logprobs."""
+        """Learner -> every rollout actor, then check the version landed everywhere and probe logprobs. A
+        rollout actor lost during the sync is replaced and every engine then gets every group as a new
+        version (some may already hold the half-delivered one)."""
         start = time.time()
-        version = self.learners.sync_weights(self.rollouts)
+        try:
+            version = self.learners.sync_weights(self.rollouts)
+        except ray.exceptions.RayTaskError as exc:  # rank 0 is alive; did an engine it sent to die?
+            if not actor_lost(exc.cause):
+                raise
+            self.log(f"[faults] a rollout actor was lost during the weight sync ({type(exc).__name__}); "
+                     "resending every group to every engine")
+            self.versions()  # replaces the lost actors (they come up with the base weights)
+            version = self.learners.sync_weights(self.rollouts, everything=True)
         versions = self.versions()
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync to version {version} failed: actors report {versions}")
-        self.dirty = False
+        self.dirty, self.weights_version = False, version
         metrics = {"sync/version": version, "timing_s/sync": time.time() - start}
         if self.cfg.trainer.probe_every:
             metrics["sync/logprob_diff_max"] = self.probe()
@@ -252,11 +299,14 @@ class Controller:
         text += "<think>Let me look at the image.</think> \\boxed{1}" + self.processor.tokenizer.eos_token
         learner_ids, learner_lp = self.learners.probe_logprobs(text, problem.images)
         worst = 0.0
-        for ids, lp in ray.get([a.prompt_logprobs.remote(text, problem.images) for a in self.rollouts]):
+        for ids, lp in self.pool.call_all("prompt_logprobs", text, problem.images):
             if ids != learner_ids:
                 raise RuntimeError("probe: rollout engine and learner tokenised the probe differently")
             worst = max(worst, max(abs(a - b) for a, b in zip(lp, learner_lp)))
         return worst
+
+    def fault_metrics(self) -> dict[str, float]:
+        return {"actors/restarts": self.restarts.used, "actors/rollout_alive": len(self.rollouts)}
 
     # ---- evaluation: the one judge -----------------------------------------------------------------
     def evaluate(self, problems: list[Problem]) -> EvalResult:
@@ -277,7 +327,7 @@ class Controller:
 
         _, summary = evaluate_problems(
             problems, generate,
-            lambda rows, protocol, mode: ray.get(self.reward.score_benchmark.remote(rows, protocol, mode)), options)
+            lambda rows, protocol, mode: self.reward.call("score_benchmark", rows, protocol, mode), options)
         ranks = self.cfg.learner.num_ranks
         own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses
                if t.response_token_ids]
@@ -308,64 +358,126 @@ class Controller:
                 "accuracy", "unparsed_rate", "sft_loss", "entropy", "critical_entropy", "critical_token_rate",
                 "high_entropy_fraction")})
             metrics[f"eval/{set_name}/format"] = result.format_rate
+        self._write_report(report)  # a run that fails later keeps every evaluation
         return metrics
 
     # ---- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The stages in order, continuing from the run directory's latest checkpoint when it holds one.
+        SIGINT/SIGTERM stop after the current step with a checkpoint (a second one stops at once); a lost
+        learner rank, or an actor lost past the restart budget, ends the run fast with RunStopped naming
+        it and the checkpoint to resume from."""
         cfg = self.cfg
         plans = self.prepare()
-        self.tracker = Tracker([JsonlBackend(self.run_dir / "metrics.jsonl")])
+        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoint)
+        latest = self.store.latest()
+        state = latest[1] if latest else None
+        self.jsonl = JsonlBackend(self.run_dir / "metrics.jsonl", keep_rows=state["metrics_rows"] if state else 0)
+        self.tracker = Tracker([self.jsonl])
+        if latest:
+            self.last_checkpoint = str(latest[0])
+            self._restore(state)
+            self.log(f"[run] resuming {self.run_dir} from {latest[0].name} (step {state['global_step']})")
         self.log(f"[run] {cfg.name}: model {cfg.model.path}, stages "
                  + " -> ".join(f"{p.cfg.name} ({p.cfg.kind})" for p in plans)
                  + f", {cfg.rollout.num_actors} rollout actors, {cfg.learner.num_ranks} learner ranks")
-        self.start_actors()
-        report: dict = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "eval": [], "stages": []}
-        initial = self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
-        report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
-        step = 0
-        for index, plan in enumerate(plans):
-            step = self.run_stage(index, plan, step, report)
+        previous = self._install_signal_handlers()
+        try:
+            self.start_actors(model_path=self.last_checkpoint)
+            report = state["report"] if state else self._begin_report(plans)
+            step = state["global_step"] if state else 0
+            for index, plan in enumerate(plans):
+                if state and (index < state["stage_index"] or (index == state["stage_index"] and state["stage_done"])):
+                    continue
+                here = state if state and index == state["stage_index"] else None
+                step = self.run_stage(index, plan, step, report, here)
+                if self.stop_requested and index + 1 < len(plans):
+                    raise RunStopped(self._stopped_message(step), EXIT_INTERRUPTED)
+        except ActorFailure as failure:
+            self.stop_actors()
+            raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None
+        except ray.exceptions.RayActorError as exc:
+            if not exc.actor_init_failed:
+                raise
+            self.stop_actors()
+            raise RunStopped(f"an actor could not start: {exc}", 1) from None
+        except RunStopped:
+            self.stop_actors()
+            raise
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.tracker.close()
         last = report["stages"][-1]
         report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                        "data_skipped": dict(self.skipped)})
-        self.tracker.close()
         selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
         report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
         self._write_report(report)
         return report
 
-    def begin_stage(self, index: int, plan: StagePlan) -> tuple[StageKind, EndRule, dict[str, int]]:
-        """The stage's kind (with its seeded data sampler) and end rule; the learner rebuilds its engine
-        for the stage's trainable groups (returned with their parameter counts)."""
-        kind = plan.kind(self, plan.cfg, MixSampler(plan.sources, plan.weights, self.cfg.trainer.seed * 1_000 + index))
-        end = EndRule(plan.cfg.end, plan.steps_per_epoch)
-        return kind, end, self.learners.begin_stage(kind.spec(end.limit))
+    def _begin_report(self, plans: list[StagePlan]) -> dict:
+        report: dict = {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "eval": [], "stages": []}
+        initial = self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
+        report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
+        return report
 
-    def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict) -> int:
-        """One stage from its first step to its end rule; returns the run's step count after it."""
+    def begin_stage(self, index: int, plan: StagePlan, resume: dict | None = None) -> tuple[StageKind, EndRule, dict[str, int]]:
+        """The stage's kind (with its seeded data sampler) and end rule; the learner rebuilds its engine
+        for the stage's trainable groups (returned with their parameter counts). Resuming inside the stage,
+        the sampler, the end rule and the optimiser continue from the checkpoint, and the KL reference is
+        the stage's starting weights, read from where they were saved."""
+        sampler = MixSampler(plan.sources, plan.weights, self.cfg.trainer.seed * 1_000 + index)
+        kind = plan.kind(self, plan.cfg, sampler)
+        end = EndRule(plan.cfg.end, plan.steps_per_epoch)
+        if resume:
+            sampler.load_state(resume["sampler"])
+            end.load_state(resume["end_rule"])
+            self.stage_start_model = resume["stage_start_model"]
+        else:
+            self.stage_start_model = self.last_checkpoint or self.cfg.model.path
+        trainable = self.learners.begin_stage(kind.spec(end.limit), self.stage_start_model if resume else None)
+        if resume:
+            self.learners.load_training_state(self.last_checkpoint)
+        return kind, end, trainable
+
+    def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict, resume: dict | None = None) -> int:
+        """One stage from its first step (or the checkpoint's) to its end rule; returns the run's step
+        count after it. A checkpoint is taken after a step is complete: its evaluation done and its row
+        logged, so a resumed run neither repeats nor skips one."""
         cfg = plan.cfg
-        kind, end, trainable = self.begin_stage(index, plan)
-        self.log(f"[stage] {cfg.name} ({cfg.kind}) starts at step {start_step}: trains {', '.join(cfg.trainable)} "
-                 f"({sum(trainable.values()):,} parameters), lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
-                 f"at most {end.limit} steps ({end.limit_reason})")
-        self.tracker.log(start_step, {"event": "stage_start", "stage": cfg.name, "stage_index": index})
-        started, step, reason = time.time(), 0, None
+        kind, end, trainable = self.begin_stage(index, plan, resume)
+        step = resume["stage_step"] if resume else 0
+        started = time.time() - (resume["stage_seconds"] if resume else 0.0)
+        if resume:
+            self.log(f"[stage] {cfg.name} ({cfg.kind}) resumes after step {start_step} ({step} of its steps done)")
+        else:
+            self.log(f"[stage] {cfg.name} ({cfg.kind}) starts at step {start_step}: trains {', '.join(cfg.trainable)} "
+                     f"({sum(trainable.values()):,} parameters), lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
+                     f"at most {end.limit} steps ({end.limit_reason})")
+            self.tracker.log(start_step, {"event": "stage_start", "stage": cfg.name, "stage_index": index})
+        start_step -= step  # the run's step count when the stage began
+        reason = None
         while reason is None:
             step += 1
             metrics = kind.step(step, start_step + step)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
-            metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs})
+            metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs,
+                            **self.fault_metrics()})
             reason = end.after_step(step, metrics)
-            saved = None
-            if cfg.save_every and step % cfg.save_every == 0 and reason is None:
-                saved = self._save(f"{cfg.name}-step{start_step + step}")
+            name = f"{cfg.name}-step{start_step + step}"
+            save = bool(cfg.save_every and step % cfg.save_every == 0 and reason is None)
             if cfg.eval_every and step % cfg.eval_every == 0 and reason is None:
                 metrics.update(self.evaluate_heldout(f"{cfg.name} step {step}", start_step + step, cfg.name,
-                                                     plan.heldout, report, saved))
+                                                     plan.heldout, report, str(self.store.path(name)) if save else None))
                 reason = end.after_eval(metrics)
             self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
             self._progress(cfg, step, end.limit, metrics, started)
-        checkpoint = self._save(cfg.name)
+            if save or (self.stop_requested and reason is None):
+                self._save(name, index, step, start_step + step, kind, end, report, started, done=False)
+            if self.stop_requested and reason is None:
+                raise RunStopped(self._stopped_message(start_step + step), EXIT_INTERRUPTED)
+        checkpoint = str(self.store.path(cfg.name))
         final = self.evaluate_heldout(f"{cfg.name} end", start_step + step, cfg.name, plan.heldout, report,
                                       checkpoint)
         self.tracker.log(start_step + step, {"stage": cfg.name, "event": "stage_end", "reason": reason, **final})
@@ -376,19 +488,68 @@ class Controller:
             "critical_entropy": final.get(f"eval/{PRIMARY_HELDOUT}/critical_entropy", float("nan")),
             "checkpoint": checkpoint, "seconds": round(time.time() - started, 1)})
         self.log(f"[stage] {cfg.name} ended at step {start_step + step} after {step} steps: {reason} ({end.detail})")
-        self._write_report(report)
+        self._save(cfg.name, index, step, start_step + step, kind, end, report, started, done=True)
         return start_step + step
 
-    def _save(self, name: str) -> str:
-        path = str(self.run_dir / "checkpoints" / name)
-        self.learners.save_hf(path)
-        return path
+    # ---- checkpoints, resume and stopping ------------------------------------------------------------
+    def _save(self, name: str, index: int, stage_step: int, global_step: int, kind: StageKind, end: EndRule,
+              report: dict, started: float, done: bool) -> str:
+        """A resumable checkpoint (services/checkpoints.py): the learner's weights and optimiser, then the
+        controller's state; retention runs after it is in place."""
+        tmp = self.store.begin(name)
+        self.learners.save_training_state(str(tmp))
+        state = {"stage_index": index, "stage_name": self.cfg.stages[index].name, "stage_step": stage_step,
+                 "global_step": global_step, "stage_done": done, "sampler": kind.sampler.state(),
+                 "end_rule": end.state(), "report": report, "skipped": dict(self.skipped),
+                 "weights_version": self.weights_version, "dirty": self.dirty, "metrics_rows": self.jsonl.rows,
+                 "stage_seconds": time.time() - started, "stage_start_model": self.stage_start_model,
+                 "rng": {"python": random.getstate(),
+                         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}}
+        path = self.store.commit(name, tmp, json.loads(json.dumps(state)))
+        self.last_checkpoint = str(path)
+        ranking = checkpoint_ranking(report, read_metrics(self.run_dir / "metrics.jsonl"), self.cfg.checkpoint.select_by)
+        deleted = self.store.prune(ranking, {s.name for s in self.cfg.stages})
+        if deleted:
+            self.log(f"[checkpoint] retention removed {', '.join(deleted)}")
+        self._write_report(report)
+        return str(path)
+
+    def _restore(self, state: dict) -> None:
+        """The controller's side of a checkpoint (the actors start from its weights)."""
+        version, internal, gauss = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
+        self.skipped = Counter(state["skipped"])
+        self.weights_version, self.dirty = state["weights_version"], state["dirty"]
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM (Ctrl-C, `ray job stop`): finish the step, checkpoint, stop; again: stop now."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum, frame):
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = signal.Signals(signum).name
+            self.log(f"[run] {self.stop_requested}: stopping after this step with a checkpoint "
+                     "(send it again to stop at once)")
+
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    def _resume_hint(self) -> str:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was saved yet (a resume starts the run over)")
+        return f"{where}; resume with: vireo train run_dir={self.run_dir}"
+
+    def _stopped_message(self, step: int) -> str:
+        return f"stopped by {self.stop_requested} after step {step}; {self._resume_hint()}"
 
     def _write_report(self, report: dict) -> None:
-        """report.json is rewritten after every stage, so a run that fails later keeps its evaluations."""
-        tmp = self.run_dir / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(self.run_dir / "report.json")
+        """report.json is rewritten after every evaluation and checkpoint, so a run that fails later keeps
+        its evaluations."""
+        atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
 
     def _progress(self, cfg: StageConfig, step: int, limit: int, metrics: dict, started: float) -> None:
         eta = (time.time() - started) / step * (limit - step)
@@ -401,6 +562,20 @@ class Controller:
         elif step == 1 or step % 10 == 0 or step == limit:
             self.log(f"[{cfg.name}] step {step}/{limit} loss {metrics.get('actor/loss', float('nan')):.3f} "
                      f"lr {metrics.get('actor/lr', float('nan')):.2e} ({time.time() - started:.0f}s, eta {eta:.0f}s)")
+
+
+def _built_once(out: Path, build) -> Path:
+    """`build(dir)` into a temporary directory renamed to `out`: a run killed while building leaves no
+    half-built model or data set for the resumed run to pick up."""
+    if not out.exists():
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        build(tmp)
+        tmp.rename(out)
+    return out
 
 
 def stage_table(report: dict) -> str:

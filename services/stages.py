@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -93,7 +93,7 @@ class GrpoStage(StageKind):
                                   seed=ctl.cfg.trainer.seed * 100_003 + global_step)
         trajs = ctl.generate(problems, sampling)
         t_gen = time.time()
-        results = ctl.score({p.id: p for p in problems}, trajs)
+        results = ctl.score({p.id: p for p in problems}, trajs, draw=global_step)
         t_reward = time.time()
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         group_ids = [tr.prompt_id for tr in trajs]
@@ -138,7 +138,15 @@ def reward_metrics(trajs, results, kept: int) -> dict[str, float]:
         "response_length/mean": sum(lengths) / n,
         "response_length/clip_rate": sum(t.finish_reason == "length" for t in trajs) / n,
         "batch/kept_fraction": kept / n,
+        **{f"reward/failed/{reason}": count for reason, count in Counter(
+            _reason(r.error) for r in results if r.error).items()},
     }
+
+
+def _reason(error: str) -> str:
+    """A scorer's error as a short metric-name-safe reason ("timeout", "worker_died", ...)."""
+    head = error.split(":", 1)[0].strip().lower()
+    return "".join(c if c.isalnum() else "_" for c in head)[:40] or "error"
 
 
 class EndRule:
@@ -170,6 +178,14 @@ class EndRule:
             self.detail = f"{self.limit} steps"
             return self.limit_reason
         return None
+
+    def state(self) -> dict:
+        return {"window": list(self.window), "best": self.best, "evals_without_gain": self.evals_without_gain,
+                "detail": self.detail}
+
+    def load_state(self, state: dict) -> None:
+        self.window.extend(state["window"])
+        self.best, self.evals_without_gain, self.detail = state["best"], state["evals_without_gain"], state["detail"]
 
     def after_eval(self, metrics: dict[str, float]) -> str | None:
         rule = self.cfg.early_stop

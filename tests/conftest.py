@@ -37,7 +37,7 @@ def ray_session():
     """One local Ray for the whole session (tests kill the actors they start)."""
     import ray
 
-    from services.controller import start_local_ray
+    from actors.local_ray import start_local_ray
 
     start_local_ray(num_cpus=4)
     yield

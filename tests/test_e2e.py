@@ -9,7 +9,6 @@ import string
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 from transformers import AutoModelForImageTextToText
 
 from learner.param_groups import group_of
@@ -56,8 +55,7 @@ def _run(tmp_path, model, train, heldout, stages_yaml: str, extra=()):
     try:
         report = controller.run()
     finally:
-        for actor in controller.rollouts + controller.learners.actors + [controller.reward]:
-            ray.kill(actor)
+        controller.stop_actors()
     return cfg, report
 
 

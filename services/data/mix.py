@@ -51,6 +51,17 @@ class MixSampler:
         """Passes over the mix so far (problems drawn / epoch size)."""
         return self.drawn / self.epoch_size
 
+    def state(self) -> dict:
+        """Where the sampler is (JSON-able): its RNG, each source's remaining order, problems drawn."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "orders": self._orders, "drawn": self.drawn}
+
+    def load_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self._orders = [list(order) for order in state["orders"]]
+        self.drawn = state["drawn"]
+
     def draw(self, k: int) -> list[Problem]:
         """k problems, distinct within the call when the mix holds at least k."""
         picked: list[Problem] = []

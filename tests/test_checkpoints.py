@@ -1,0 +1,117 @@
+"""Resumable checkpoints without Ray: atomic saves (a save killed at any point leaves the last good
+checkpoint and `latest` intact), retention, the resumed config, and the state of the data sampler, the end
+rule and the metrics file."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from services.checkpoints import LATEST, STATE_FILE, CheckpointConfig, CheckpointStore
+from services.config import ConfigError, load_config, resume_config, to_yaml
+from services.data.mix import MixSampler
+from services.data.problems import Problem
+from services.tracking import JsonlBackend, read_metrics
+
+
+def _save(store: CheckpointStore, name: str, step: int) -> None:
+    tmp = store.begin(name)
+    (tmp / "model.safetensors").write_bytes(b"w" * 1000 + str(step).encode())
+    store.commit(name, tmp, {"global_step": step, "stage_index": 0})
+
+
+def test_latest_is_the_newest_complete_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path / "ck", CheckpointConfig())
+    assert store.latest() is None
+    _save(store, "grpo-step2", 2)
+    _save(store, "grpo-step4", 4)
+    path, state = store.latest()
+    assert path.name == "grpo-step4" and state["global_step"] == 4
+    (tmp_path / "ck" / LATEST).unlink()  # no pointer: the complete checkpoint with the highest step
+    assert store.latest()[0].name == "grpo-step4"
+    (tmp_path / "ck" / "grpo-step4" / STATE_FILE).unlink()  # incomplete: skipped
+    assert store.latest()[0].name == "grpo-step2"
+
+
+@pytest.mark.parametrize("die_after_fsyncs", [0, 1, 2, 3, 4])
+def test_a_save_killed_at_any_point_never_damages_the_last_good_checkpoint(tmp_path, die_after_fsyncs):
+    """A process saving a second checkpoint is killed (os._exit, as SIGKILL would) at its n-th fsync:
+    the first checkpoint, and `latest` naming it or the new complete one, survive intact."""
+    root = tmp_path / "ck"
+    store = CheckpointStore(root, CheckpointConfig())
+    _save(store, "grpo-step2", 2)
+    before = (root / "grpo-step2" / "model.safetensors").read_bytes()
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(sys.path[0])!r})
+        import services.checkpoints as ck
+        calls = [0]
+        real = ck.fsync_path
+        def dying(path):
+            if calls[0] == {die_after_fsyncs}:
+                os._exit(9)
+            calls[0] += 1
+            real(path)
+        ck.fsync_path = dying
+        store = ck.CheckpointStore(ck.Path({str(root)!r}), ck.CheckpointConfig())
+        tmp = store.begin("grpo-step4")
+        (tmp / "model.safetensors").write_bytes(b"new")
+        store.commit("grpo-step4", tmp, {{"global_step": 4, "stage_index": 0}})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), capture_output=True)
+    assert result.returncode == 9, result.stderr.decode()
+    assert (root / "grpo-step2" / "model.safetensors").read_bytes() == before
+    path, state = CheckpointStore(root, CheckpointConfig()).latest()  # reopening clears the .tmp- leftovers
+    assert path.name in ("grpo-step2", "grpo-step4") and (path / STATE_FILE).is_file()
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_retention_keeps_the_last_the_best_and_the_stage_ends(tmp_path):
+    store = CheckpointStore(tmp_path / "ck", CheckpointConfig(keep_last=2, keep_best=1))
+    for step in (10, 20, 30, 40, 50):
+        _save(store, f"grpo-step{step}", step)
+    _save(store, "coldstart", 5)
+    ranking = [{"checkpoint": str(tmp_path / "ck" / "grpo-step20")}, {"checkpoint": str(tmp_path / "ck" / "grpo-step50")}]
+    deleted = store.prune(ranking, {"coldstart", "grpo"})
+    assert sorted(deleted) == ["grpo-step10", "grpo-step30"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.is_dir()) == [
+        "coldstart", "grpo-step20", "grpo-step40", "grpo-step50"]
+
+
+def test_a_resumed_run_keeps_its_config_and_refuses_math_changes(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(load_config("configs/demo.yaml", ["trainer.seed=3"])))
+    resumed = resume_config(saved, ["learner.num_ranks=1", "run_dir=/x", "faults.rollout_timeout_s=5"])
+    assert resumed.trainer.seed == 3 and resumed.learner.num_ranks == 1 and resumed.stages[1].name == "grpo"
+    with pytest.raises(ConfigError, match=r"stages.1.optim.lr=0.001 \(the run has 0.0001\)"):
+        resume_config(saved, ["stages.grpo.optim.lr=1e-3"])
+    with pytest.raises(ConfigError, match="trainer.seed"):
+        resume_config(saved, ["trainer.seed=4"])
+
+
+def test_sampler_state_round_trips_mid_epoch():
+    problems = [Problem(id=str(i), question="q", answer="1", answer_type="numeric") for i in range(10)]
+    straight = MixSampler([problems[:6], problems[6:]], [1.0, 2.0], seed=5)
+    straight.draw(4)
+    saved = json.loads(json.dumps(straight.state()))
+    expected = [p.id for _ in range(5) for p in straight.draw(3)]
+    resumed = MixSampler([problems[:6], problems[6:]], [1.0, 2.0], seed=0)
+    resumed.load_state(saved)
+    assert [p.id for _ in range(5) for p in resumed.draw(3)] == expected
+    assert resumed.drawn == straight.drawn == 19
+
+
+def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = JsonlBackend(path)
+    for step in range(1, 6):
+        first.log(step, {"x": float(step)})
+    first.close()
+    again = JsonlBackend(path, keep_rows=3)
+    again.log(4, {"x": 40.0})
+    again.close()
+    assert [(r["step"], r["x"]) for r in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert again.rows == 4

@@ -1,0 +1,169 @@
+"""Faults injected into real runs (Ray, vLLM, DeepSpeed): a rollout actor SIGKILLed while it generates, a
+rollout actor that hangs (SIGSTOP) past its deadline, the reward actor killed — the run finishes with every
+step once and every prompt answered by current-version weights; SIGINT — the run stops after the step with
+a checkpoint and resumes; the driver SIGKILLed — no Ray process of it is left, and the next `vireo train`
+on the run directory resumes. (A killed learner rank: tests/test_resume.py.)"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+
+from services.config import load_config
+from services.controller import Controller, RunStopped
+from services.tracking import read_metrics
+
+GRPO_ONLY = """
+stages:
+  - {name: grpo, kind: grpo, batch_size: 6, optim: {lr: 1.0e-4}, sampling: {n: 4, max_tokens: 12},
+     algo: {drop_uniform_groups: false}, end: {max_steps: 5}, save_every: 2}
+"""
+
+
+def _config(tmp_path, model, data, extra=()):
+    path = tmp_path / "faults.yaml"
+    path.write_text(GRPO_ONLY)
+    return load_config(str(path), [f"model.path={model}", f"data.train={data}/train.parquet",
+                                   f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8",
+                                   "reward.workers=1", "learner.optim.micro_batch_size=24", *extra])
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+class Faulty(Controller):
+    """Injects one fault per GRPO step (by the order of its rollouts) and records what each step got."""
+
+    def __init__(self, *args, faults: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faults, self.rollout_calls, self.answered = faults, 0, []
+
+    def generate(self, problems, sampling):
+        if sampling.n == 1:  # an evaluation
+            return super().generate(problems, sampling)
+        self.rollout_calls += 1
+        fault = self.faults.get(self.rollout_calls)
+        if fault == "kill_rollout_mid_generation":
+            pid = _pid(self.rollouts[0])
+            threading.Timer(0.2, os.kill, (pid, signal.SIGKILL)).start()
+        elif fault == "hang_rollout":
+            os.kill(_pid(self.rollouts[1]), signal.SIGSTOP)
+        elif fault == "kill_reward":
+            ray.kill(self.reward.actor)
+        trajectories = super().generate(problems, sampling)
+        self.answered.append((len(trajectories), len(problems) * sampling.n,
+                              {t.weights_version for t in trajectories}, self.weights_version))
+        return trajectories
+
+
+def test_rollout_and_reward_faults_are_survived(ray_session, tiny_model_dir, tiny_data_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir, ["faults.rollout_timeout_s=15"])
+    controller = Faulty(cfg, tmp_path / "run", log=lambda *_: None,
+                        faults={2: "kill_rollout_mid_generation", 3: "hang_rollout", 4: "kill_reward"})
+    try:
+        report = controller.run()
+    finally:
+        controller.stop_actors()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # no step lost, none repeated
+    assert rows[-1]["actors/restarts"] >= 3 and rows[0]["actors/restarts"] == 0
+    for got, expected, versions, current in controller.answered:
+        assert got == expected and versions == {current}  # every prompt, by current-version weights
+    # each replacement was brought to the current weights before serving: the probe runs on every engine
+    assert all(r["sync/logprob_diff_max"] < 1e-3 for r in rows)
+    assert [r["sync/version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert report["stages"][0]["end_step"] == 5
+
+
+def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(ray_session, tiny_model_dir,
+                                                                           tiny_data_dir, tmp_path):
+    class PressesCtrlC(Controller):
+        def train(self, samples):
+            if self.rollout_steps == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as Ctrl-C does
+            return super().train(samples)
+
+        def generate(self, problems, sampling):
+            self.rollout_steps = getattr(self, "rollout_steps", 0) + (sampling.n > 1)
+            return super().generate(problems, sampling)
+
+    cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir, ["stages.0.save_every=0"])
+    controller = PressesCtrlC(cfg, tmp_path / "run", log=lambda *_: None)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunStopped) as stopped:
+        controller.run()
+    assert stopped.value.code == 130 and "stopped by SIGINT after step 2" in str(stopped.value)
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "grpo-step2" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 2 and saved["stage_step"] == 2
+    resumed = Controller(cfg, tmp_path / "run", log=lambda *_: None)
+    try:
+        report = resumed.run()
+    finally:
+        resumed.stop_actors()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and report["stages"][0]["end_step"] == 5
+
+
+def _vireo_train(run_dir, model, data, *extra) -> subprocess.Popen:
+    config = run_dir.parent / "driver.yaml"
+    config.write_text(GRPO_ONLY.replace("max_steps: 5", "max_steps: 6"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "train", str(config), f"run_dir={run_dir}", f"model.path={model}",
+         f"data.train={data}/train.parquet", f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8",
+         "reward.workers=1", "rollout.num_actors=1", "learner.num_ranks=1", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_row(run_dir, step: int, process: subprocess.Popen, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(r["step"] >= step and "reward/mean" in r for r in read_metrics(path)):
+            return
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout_s} s")
+
+
+def test_driver_sigkill_leaves_no_ray_process_and_the_next_run_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
+    model, run_dir = tiny_model_dir("internvl"), tmp_path / "run"
+    first = _vireo_train(run_dir, model, tiny_data_dir)
+    _wait_for_row(run_dir, 3, first)  # the checkpoint of step 2 is behind it, step 3 is lost
+    family = [first.pid] + [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
+    assert len(family) > 5  # Ray's processes and the actors
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _alive(family):
+        time.sleep(0.5)
+    assert not _alive(family)  # the reaper killed every Ray process of the run
+    assert not list(Path("/tmp").glob(f"vireo-ray-*/session_*_{first.pid}"))  # and removed its session directory
+
+    second = _vireo_train(run_dir, model, tiny_data_dir)
+    out, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, out
+    assert "resuming" in out and "grpo-step" in out
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
