@@ -30,15 +30,18 @@ def _make_data(args) -> int:
 def _train(args) -> int:
     from services.config import ConfigError, load_config
     from services.controller import Controller, stage_table
+    from services.data.loading import DataError
     from services.selection import format_ranking
 
+    if args.config and "=" in args.config and not Path(args.config).is_file():  # `vireo train key=value …`
+        args.config, args.overrides = None, [args.config, *args.overrides]
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        report = Controller(cfg, run_dir).run()
+    except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = Controller(cfg, run_dir).run()
     print(stage_table(report))
     print(format_ranking({"by": "critical_entropy", **{k: report[k] for k in (
         "checkpoint_ranking", "critical_entropy_accuracy_spearman")}}))
