@@ -45,8 +45,8 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
-    """The rows of a JSONL file; a line that is not valid JSON (or not UTF-8, or nested past the parser's
-    depth limit) is kept as its text (then skipped). Undecodable bytes become U+FFFD."""
+    """The rows of a JSONL file; a line that is not valid JSON (or nested past the parser's depth limit) is
+    kept as its text (then skipped). Bytes that are not UTF-8 are read as U+FFFD."""
     rows: list[Any] = []
     with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
