@@ -15,7 +15,6 @@ counted as skipped, outside every accuracy.
 """
 from __future__ import annotations
 
-import ast
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,10 +43,7 @@ def _options(row: dict[str, Any], required: bool) -> tuple[str, ...]:
     if options is None and not required:
         return ()
     if isinstance(options, str):
-        try:
-            options = ast.literal_eval(options)
-        except (ValueError, SyntaxError):
-            raise _Skip("bad options") from None
+        options = mmmu.read_literal(options)
     if not isinstance(options, list | tuple) or (required and not options):
         raise _Skip("bad options")
     return tuple(str(option) for option in options)

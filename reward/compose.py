@@ -84,6 +84,13 @@ def check_answer_types(requests: Sequence[ScoreRequest]) -> None:
         raise ValueError(f"unknown answer_type {unknown}; expected one of {list(ANSWER_TYPES)}")
 
 
+def _rejected(response: object) -> str | None:
+    """Why a response is not scored at all, or None."""
+    if not isinstance(response, str):
+        return f"response is {type(response).__name__}, not text"
+    return "NUL byte in response" if "\x00" in response else None
+
+
 class RewardScorer:
     """Scores batches of ScoreRequest; keeps its worker pool between batches. Call close() when done."""
 
@@ -96,14 +103,15 @@ class RewardScorer:
         )
 
     def accuracy_batch(self, requests: Sequence[ScoreRequest]) -> list[RewardResult]:
-        """parts == {"accuracy": 0|1}. A response with a NUL byte is rejected unscored (no model emits one;
-        it only reaches C-level parsers); "timeout" and worker failures score 0."""
+        """parts == {"accuracy": 0|1}. A response that is not text, or holds a NUL byte, is rejected unscored
+        (no model emits one; NULs only reach C-level parsers); "timeout" and worker failures score 0."""
         check_answer_types(requests)
         results: list[RewardResult | None] = [None] * len(requests)
         calls, where = [], []
         for i, request in enumerate(requests):
-            if "\x00" in request.response:
-                results[i] = RewardResult(0.0, {"accuracy": 0.0}, None, "NUL byte in response")
+            rejected = _rejected(request.response)
+            if rejected:
+                results[i] = RewardResult(0.0, {"accuracy": 0.0}, None, rejected)
                 continue
             response = request.response[-self.config.max_response_chars:]
             calls.append((dataclasses.replace(request, response=response, meta={}),))
@@ -120,7 +128,8 @@ class RewardScorer:
         passes the step — so a restarted reward actor or a resumed run draws exactly what it would have."""
         scored = []
         for request, accuracy in zip(requests, self.accuracy_batch(requests)):
-            parts = {"accuracy": accuracy.parts["accuracy"], "format": score_format(request.response)}
+            text = request.response if isinstance(request.response, str) else ""
+            parts = {"accuracy": accuracy.parts["accuracy"], "format": score_format(text)}
             score = self.config.accuracy_weight * parts["accuracy"] + self.config.format_weight * parts["format"]
             scored.append(RewardResult(score, parts, accuracy.parsed, accuracy.error))
         final = REWARD_KINDS[self.config.kind]([r.score for r in scored], random.Random(f"{self.config.seed}/{draw}"))

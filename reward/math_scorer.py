@@ -8,10 +8,24 @@ whose worker process enforces a hard wall-clock limit instead.
 """
 from __future__ import annotations
 
+import logging
+
 from math_verify import parse, verify
 
 from reward.format_scorer import answer_section, stated_answer
 from reward.types import RewardResult
+
+
+class _NoDisabledTimeoutWarning(logging.Filter):
+    """Drops math-verify's "Timeout is disabled …" warning: disabling it is deliberate (the sandbox is the
+    timeout), and every sandbox worker, including each replacement after a timeout, printed it again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _module in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_module).addFilter(_NoDisabledTimeoutWarning())
 
 
 def _answer(response: str) -> str | None:

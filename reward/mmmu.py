@@ -58,9 +58,17 @@ CAT_SHORT2LONG: dict[str, str] = {
 _EDGE_PUNCT = (",", ".", "!", "?", ";", ":", "'")
 _KEY_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
 _TRIVIAL_KEYS = frozenset({":", ",", ".", "!", "?", ";", "'"})
+# The official number patterns, with `(?<!\d)` before each `\d+` that starts a match. The official ones retry
+# from every digit of a run that failed to match, which is quadratic (a 200k-digit answer ran past 300 s).
+# A match from inside a run can only succeed where one from the run's start does, and no match ends just
+# before a digit, so findall returns the same list (tests/test_hostile_answers.py compares them).
 _NUM_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
-_NUM_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
-_NUM_SIMPLE = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+_NUM_SCIENTIFIC = re.compile(r"-?(?<!\d)\d+(?:\.\d+)?[eE][+-]?\d+")
+_NUM_SIMPLE = re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+# The parsers read only a response's last MAX_PARSE_CHARS characters, which bounds their time on hostile
+# text: the official rules favour what is said last (the last "Answer:", the latest option mention, "=" on
+# the last line), and the cap is 30x the longest of 1,730 real GPT-4o chain-of-thought answers (3.3k).
+MAX_PARSE_CHARS = 100_000
 
 
 def multi_choice_info(options: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -117,6 +125,7 @@ def parse_multi_choice(
     _check(mode, variant)
     if not all_choices:
         raise ValueError("a multiple-choice question needs at least one option")
+    response = response[-MAX_PARSE_CHARS:]
     if mode == "r1v3":
         boxed = boxed_choice(response, all_choices, index2ans)
         if boxed is not None:
@@ -206,9 +215,18 @@ def _key_subresponses(response: str) -> list[str]:
 def parse_open(response: str) -> list[str | float]:
     """The official parse_open_response: key sub-responses and the numbers in them, normalised and
     de-duplicated (kept in first-seen order; the official returns a set's order, which eval_open ignores)."""
-    keys = _key_subresponses(response)
+    keys = _key_subresponses(response[-MAX_PARSE_CHARS:])
     raw = keys + [number for key in keys for number in extract_numbers(key)]
     return list(dict.fromkeys(item for piece in raw for item in normalize_str(piece)))
+
+
+def read_literal(text: str) -> object:
+    """A Python literal as MMMU's files store lists ("['A', 'B']"), or None when the text is not one.
+    Hostile text makes the parser raise more than SyntaxError (deep nesting: MemoryError, RecursionError)."""
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def gold_answers(answer: str | list[str]) -> str | list[str]:
@@ -216,10 +234,7 @@ def gold_answers(answer: str | list[str]) -> str | list[str]:
     questions with several accepted answers; the released dataset stores those as a Python-literal
     string ("['24/7', '3.429']"), which is read back into the list here."""
     if isinstance(answer, str) and answer.lstrip().startswith("["):
-        try:
-            value = ast.literal_eval(answer.strip())
-        except (ValueError, SyntaxError):
-            return answer
+        value = read_literal(answer)
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return value
     return answer

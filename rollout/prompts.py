@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -32,10 +33,40 @@ def render_prompt(processor, question: str, system_prompt: str | None = DEFAULT_
                                          tokenize=False)
 
 
+# An image beyond either limit is refused, not decoded: 2**25 pixels is 2.6x the largest processor limit of
+# a supported architecture (Qwen2-VL max_pixels 12.8M; InternVL tiles to at most ~2.4M) and ~100 MB decoded;
+# Qwen2-VL's processor raises on an aspect ratio past 200.
+MAX_IMAGE_PIXELS = 2**25
+MAX_ASPECT_RATIO = 200
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit PNG greyscale opens as I;16 (or I)
+# Modes whose convert("RGB") gives the picture; PIL also converts others (LAB, HSV) but the pixels are wrong.
+_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "RGBA", "LA", "PA", "CMYK", "YCbCr"})
+
+
+class UnusableImage(ValueError):
+    """An image that is readable but not fit for a model; args[0] is the reason a loader counts it under."""
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes to an RGB image, fully decoded; transparency is flattened onto white, not black.
-    The one decoder: the data loader checks with it, the engine and the learner see its pixels."""
-    image = Image.open(io.BytesIO(data))
+    """Encoded bytes to an RGB image, fully decoded (a truncated file raises here, not in a rollout);
+    transparency is flattened onto white, not black; 16-bit greyscale is scaled to 8 bit (convert("RGB")
+    clips it to white). The one decoder: the data loader checks with it, the engine and the learner see
+    its pixels. Raises UnusableImage for a size past the limits or a mode with no faithful RGB conversion."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise UnusableImage("image_too_large") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnusableImage("image_too_large")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise UnusableImage("bad_aspect_ratio")
+    image.load()
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.clip(np.asarray(image, dtype=np.int64) >> 8, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode not in _RGB_MODES:
+        raise UnusableImage("unsupported_image_mode")
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

@@ -30,8 +30,11 @@ def _make_data(args) -> int:
 def _train(args) -> int:
     from services.config import ConfigError, load_config, resume_config
     from services.controller import Controller, RunStopped, stage_table
+    from services.data.loading import DataError
     from services.selection import format_ranking
 
+    if args.config and "=" in args.config and not Path(args.config).is_file():  # `vireo train key=value …`
+        args.config, args.overrides = None, [args.config, *args.overrides]
     try:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -39,11 +42,10 @@ def _train(args) -> int:
             if not cfg.resume:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
             cfg = resume_config(run_dir / "config.yaml", args.overrides)
-    except ConfigError as exc:
+        report = Controller(cfg, run_dir).run()
+    except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2
-    try:
-        report = Controller(cfg, run_dir).run()
     except RunStopped as stop:
         print(f"vireo train: {stop}", file=sys.stderr)
         return stop.code

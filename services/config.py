@@ -1,7 +1,9 @@
 """The run configuration: typed defaults in code, overrides from configs/*.yaml and key=value."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -13,9 +15,10 @@ from learner.types import LossConfig, OptimConfig
 from learner.worker import DTYPES, LearnerConfig
 from reward.compose import REWARD_KINDS, RewardConfig
 from reward.types import ANSWER_TYPES
-from rollout.prompts import DEFAULT_SYSTEM_PROMPT
+from rollout.prompts import DEFAULT_SYSTEM_PROMPT, MAX_IMAGE_PIXELS
 from rollout.vllm_adapter import EngineOptions
 from services.checkpoints import CheckpointConfig
+from services.data.synthetic import MIN_IMAGE_SIZE, TASKS
 
 
 @dataclass
@@ -228,7 +231,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         if path:
             if not Path(path).is_file():
                 raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"bad config: {path} must hold a mapping of keys, not a {type(loaded).__name__}")
+            cfg = OmegaConf.merge(cfg, loaded)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
@@ -239,7 +245,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             else:
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         run: RunConfig = OmegaConf.to_object(cfg)
-    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+    except ConfigError:
+        raise
+    # ValueError: a file that is not UTF-8, a malformed stage key, a dataclass's own check (__post_init__)
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"bad config: {exc}") from None
     validate(run)
     return run
@@ -248,7 +257,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def _stage_key(cfg: DictConfig, key: str) -> str:
     """`stages.<name>.rest` -> `stages.<index>.rest`."""
     parts = key.split(".")
-    if parts[0] != "stages" or len(parts) < 3 or parts[1].isdigit():
+    if parts[0] != "stages" or len(parts) < 2 or parts[1].isdigit():
         return key
     names = [stage.name for stage in cfg.stages]
     if parts[1] not in names:
@@ -268,7 +277,37 @@ def validate(cfg: RunConfig) -> None:
     def one_of(value, known, key: str) -> tuple[bool, str]:
         return value in known, f"{key} must be one of {sorted(known)}, got {value!r}"
 
-    checks = [
+    engine, optim, reward, data = cfg.rollout.engine, cfg.learner.optim, cfg.reward, cfg.data
+    checks = [(math.isfinite(value), f"{key} must be a finite number, got {value}")
+              for key, value in _flat(OmegaConf.structured(cfg)).items() if isinstance(value, float)]
+    checks += [
+        (bool(cfg.name) and cfg.name not in (".", "..") and not set(cfg.name) & {"/", "\\"},
+         f"name must be usable as a directory name, got {cfg.name!r}"),
+        (data.n_train >= 1 and data.n_heldout >= 1, "data.n_train and data.n_heldout must be >= 1"),
+        (MIN_IMAGE_SIZE <= data.image_size and data.image_size**2 <= MAX_IMAGE_PIXELS,
+         f"data.image_size must be in [{MIN_IMAGE_SIZE}, {math.isqrt(MAX_IMAGE_PIXELS)}], got {data.image_size}"),
+        (set(data.tasks) <= set(TASKS), f"data.tasks names must be in {sorted(TASKS)}, got {sorted(data.tasks)}"),
+        (all(w >= 0 for w in data.tasks.values()) and sum(data.tasks.values()) > 0,
+         f"data.tasks weights must be >= 0 with a positive sum, got {dict(data.tasks)}"),
+        (min(cfg.rollout.num_cpus_per_actor, cfg.rollout.num_gpus_per_actor, cfg.learner.num_cpus_per_rank,
+             cfg.learner.num_gpus_per_rank) >= 0, "rollout/learner num_cpus_*/num_gpus_* must be >= 0"),
+        (0 <= cfg.learner.master_port <= 65535, "learner.master_port must be in [0, 65535]"),
+        (engine.max_model_len >= 1, "rollout.engine.max_model_len must be >= 1"),
+        (0 < engine.gpu_memory_utilization <= 1, "rollout.engine.gpu_memory_utilization must be in (0, 1]"),
+        (engine.cpu_kvcache_gib >= 1, "rollout.engine.cpu_kvcache_gib must be >= 1"),
+        (engine.cpu_threads >= 1, "rollout.engine.cpu_threads must be >= 1"),
+        (engine.max_images_per_prompt >= 1, "rollout.engine.max_images_per_prompt must be >= 1"),
+        (optim.weight_bucket_mb > 0, "learner.optim.weight_bucket_mb must be > 0"),
+        (optim.high_entropy >= 0, "learner.optim.high_entropy must be >= 0"),
+        (reward.accuracy_weight >= 0 and reward.format_weight >= 0
+         and reward.accuracy_weight + reward.format_weight > 0,
+         "reward.accuracy_weight and reward.format_weight must be >= 0, not both 0"),
+        (reward.worker_memory_mb is None or reward.worker_memory_mb >= 1,
+         "reward.worker_memory_mb must be >= 1 (or null: no limit)"),
+        (cfg.evaluation.limit >= 0, "evaluation.limit must be >= 0"),
+        (cfg.trainer.probe_every >= 0, "trainer.probe_every must be >= 0"),
+    ]
+    checks += [
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
         (cfg.learner.num_ranks >= 1, "learner.num_ranks must be >= 1"),
         (cfg.learner.optim.micro_batch_size >= 1, "learner.optim.micro_batch_size must be >= 1"),
@@ -302,6 +341,7 @@ def validate(cfg: RunConfig) -> None:
              f"{key}.trainable must be a non-empty subset of {list(GROUPS)}, got {stage.trainable}"),
             (stage.batch_size >= 1, f"{key}.batch_size must be >= 1"),
             (stage.optim.lr > 0, f"{key}.optim.lr must be > 0"),
+            (stage.optim.weight_decay >= 0, f"{key}.optim.weight_decay must be >= 0"),
             one_of(stage.optim.schedule, LR_SCHEDULES, f"{key}.optim.schedule"),
             (0 <= stage.optim.warmup_ratio < 1, f"{key}.optim.warmup_ratio must be in [0, 1)"),
             (0 <= stage.optim.min_lr_ratio <= 1, f"{key}.optim.min_lr_ratio must be in [0, 1]"),
@@ -312,6 +352,8 @@ def validate(cfg: RunConfig) -> None:
             (0 < stage.sampling.top_p <= 1, f"{key}.sampling.top_p must be in (0, 1]"),
             (stage.sampling.max_tokens >= 1 and all(v >= 1 for v in stage.sampling.max_tokens_schedule.values()),
              f"{key}.sampling.max_tokens (and its schedule) must be >= 1"),
+            (all(step >= 1 for step in stage.sampling.max_tokens_schedule),
+             f"{key}.sampling.max_tokens_schedule steps must be >= 1"),
             one_of(stage.algo.adv_estimator, algos.ADVANTAGE_ESTIMATORS, f"{key}.algo.adv_estimator"),
             one_of(stage.algo.policy_loss, algos.POLICY_LOSSES, f"{key}.algo.policy_loss"),
             one_of(stage.algo.loss_agg_mode, algos.LOSS_AGG_MODES, f"{key}.algo.loss_agg_mode"),
@@ -325,6 +367,7 @@ def validate(cfg: RunConfig) -> None:
             (stage.end.threshold.window >= 1, f"{key}.end.threshold.window must be >= 1"),
             one_of(stage.end.early_stop.mode, ("max", "min"), f"{key}.end.early_stop.mode"),
             (stage.end.early_stop.patience >= 1, f"{key}.end.early_stop.patience must be >= 1"),
+            (stage.end.early_stop.min_delta >= 0, f"{key}.end.early_stop.min_delta must be >= 0"),
             (not stage.end.early_stop.metric or stage.eval_every >= 1,
              f"{key}.end.early_stop needs {key}.eval_every >= 1 (it watches evaluations)"),
             (stage.eval_every >= 0 and stage.save_every >= 0, f"{key}.eval_every/save_every must be >= 0"),
@@ -364,6 +407,7 @@ def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ())
 
 
 def _flat(node, prefix: str = "") -> dict:
+    """Every leaf of a config tree by its dotted key (`stages.1.optim.lr`)."""
     container = OmegaConf.to_container(node) if not isinstance(node, dict | list) else node
     out = {}
     items = container.items() if isinstance(container, dict) else enumerate(container)

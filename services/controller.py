@@ -31,7 +31,7 @@ from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from services.checkpoints import CheckpointStore, atomic_write_text
 from services.config import RunConfig, StageConfig, to_yaml
-from services.data.loading import load_problems
+from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
@@ -115,17 +115,12 @@ class Controller:
 
     # ---- set-up -----------------------------------------------------------------------------------
     def prepare(self) -> list[StagePlan]:
-        """Model and data: real ones from their paths, else the embedded default built into the run (once:
-        a resumed run finds them there). Every stage's data is loaded and checked here, before any actor
-        starts."""
+        """Data, then model: real ones from their paths, else the embedded default built into the run (once:
+        a resumed run finds them there). Every stage's data is loaded and checked first, so bad data is a
+        DataError before the model is built or anything is written (with user data, no run directory is
+        left; the embedded default's synthetic data is rendered into the run directory before the checks)."""
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if not cfg.model.path:
-            from learner.model_factory import make_model
-
-            cfg.model.path = str(_built_once(self.run_dir / "model",
-                                             lambda out: make_model(out, cfg.model.arch, cfg.model.seed)))
+        config_text = to_yaml(cfg)
         if not cfg.data.train:
             from services.data.synthetic import make_dataset
 
@@ -135,6 +130,13 @@ class Controller:
             cfg.data.train = str(data / "train.parquet")
             cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
         plans = [self._plan(stage) for stage in cfg.stages]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_text)
+        if not cfg.model.path:
+            from learner.model_factory import make_model
+
+            cfg.model.path = str(_built_once(self.run_dir / "model",
+                                             lambda out: make_model(out, cfg.model.arch, cfg.model.seed)))
         self.load_processor()
         self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
         return plans
@@ -154,8 +156,8 @@ class Controller:
         for path, _ in paths:
             problems = keep.apply(self._load(path, "train", kind.needs_solution))
             if not problems:
-                raise ValueError(f"{where}: no training problems left in {path} after the filter "
-                                 f"{asdict(stage.data.filter)}")
+                raise DataError(f"{where}: no training problems left in {path} after the filter "
+                                f"{asdict(stage.data.filter)}")
             loaded.append(problems)
         heldout_paths = stage.data.heldout or ([self.cfg.data.heldout] if self.cfg.data.heldout else [])
         heldout = {}
@@ -174,7 +176,7 @@ class Controller:
                 self.skipped[f"{split}/{reason}"] += count
                 self.log(f"[data] {path}: skipped {count} rows ({reason})")
             if not result.problems:
-                raise ValueError(f"no usable problems in {path} (skipped: {dict(result.skipped)})")
+                raise DataError(f"no usable problems in {path} (skipped: {dict(result.skipped)})")
             self._loaded[key] = result.problems
         return self._loaded[key]
 

@@ -15,7 +15,7 @@ from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from rollout.vllm_adapter import EngineOptions
 from services.data.loading import load_problems
 from services.data.problems import Problem
-from services.scoring import format_summary, progress_bar
+from services.scoring import format_summary, progress_bar, write_jsonl, write_text
 
 
 @dataclass
@@ -91,11 +91,9 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        with (out / "results.jsonl").open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps({k: row.get(k) for k in ("id", "subject", "response", "pred", "correct",
-                                                                   "reason", "answer")}) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_jsonl(out / "results.jsonl", ({k: row.get(k) for k in ("id", "subject", "response", "pred", "correct",
+                                                                     "reason", "answer")} for row in rows))
+        write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     return summary
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,44 @@ from reward import mmmu
 from reward.benchmark import DEFAULT_VARIANT, PROTOCOLS, Progress, score_rows
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """text with every lone surrogate replaced by U+FFFD. A JSON "\\ud800" escape decodes to one, and no
+    UTF-8 file or terminal accepts it. Every writer of scored rows and summaries applies this to its
+    serialised output (so however deep a surrogate sits in a row, it is caught); the scorers themselves
+    read such text fine."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write clean_text(text) to a temporary file, then rename it over path: a failure part-way leaves
+    the previous file (or none), never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(clean_text(text), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
+    """One JSON value per line, through write_text."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def read_jsonl(path: str | Path) -> list[Any]:
-    """The rows of a JSONL file; a line that is not valid JSON is kept as its text (then skipped)."""
+    """The rows of a JSONL file; a line that is not valid JSON (or nested past the parser's depth limit) is
+    kept as its text (then skipped). Bytes that are not UTF-8 are read as U+FFFD."""
     rows: list[Any] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):
                     rows.append(line.rstrip("\n"))
     return rows
 
@@ -43,9 +73,7 @@ def score_file(
         read_jsonl(in_path), protocol, mode, variant=variant, timeout_s=timeout_s, progress=progress
     )
     if out_path is not None:
-        with open(out_path, "w", encoding="utf-8") as handle:
-            for row in scored:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(out_path, scored)
     return summary
 
 
@@ -85,7 +113,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"  {s:<42}{summary['subjects'][s]['num']:>6}  {summary['subjects'][s]['acc']:.3f}" for s in others]
     lines += [f"difficulty {d:<33}{v['num']:>6}  {v['acc']:.3f}" for d, v in summary.get("difficulty", {}).items()]
     lines.append(f"accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['scored']})")
-    return "\n".join(lines)
+    return clean_text("\n".join(lines))  # subject names come from the scored file
 
 
 def main(argv: Sequence[str] | None = None) -> int:

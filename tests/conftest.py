@@ -51,3 +51,28 @@ def rollout_engine(tiny_model_dir):
     from rollout.vllm_adapter import EngineOptions
 
     return RolloutEngine(tiny_model_dir("internvl"), EngineOptions(max_model_len=512))
+
+
+@pytest.fixture
+def vireo_train(tmp_path, monkeypatch, capsys):
+    """`vireo train` in-process with out_dir under tmp_path, for refusals: it fails the test if the model would
+    be built or an actor started, if a traceback reaches stderr, or if a run directory is left. Returns
+    run(*overrides, config=None) -> (rc, stderr)."""
+    import learner.model_factory
+    from services.cli import main
+    from services.controller import Controller
+
+    def tripwire(*_args, **_kwargs):
+        raise AssertionError("vireo train went past its checks")
+
+    monkeypatch.setattr(learner.model_factory, "make_model", tripwire)
+    monkeypatch.setattr(Controller, "start_actors", tripwire)
+    out_dir = tmp_path / "runs"
+
+    def run(*overrides: str, config: str | None = None) -> tuple[int, str]:
+        rc = main(["train", *([config] if config else []), f"out_dir={out_dir}", *overrides])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and not out_dir.exists()
+        return rc, err
+
+    return run

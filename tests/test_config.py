@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from services.config import ConfigError, load_config
@@ -23,24 +25,69 @@ def test_repo_configs_load():
     assert paper.stages[0].sampling.n == 32 and paper.stages[0].sampling.max_tokens_schedule == {120: 8192}
 
 
-@pytest.mark.parametrize("overrides, match", [
+BAD_OVERRIDES = [  # (overrides, what the error must name)
     (["stages.0.end.stepz=3"], "stepz"),
     (["stages.0.end.max_steps=many"], "max_steps"),
     (["stages.0.sampling.n=1"], "sampling.n"),
     (["steps"], "key=value"),
     (["model.arch=llava"], "model.arch"),
     (["stages.0.optim.lr=-1"], "optim.lr"),
+    (["stages.0.optim.lr=inf"], "stages.0.optim.lr"),
+    (["stages.0.optim.weight_decay=-0.1"], "weight_decay"),
     (["stages.0.sampling.temperature=-1"], "temperature"),
     (["stages.0.sampling.top_p=0"], "top_p"),
+    (["stages.0.sampling.max_tokens=0"], "max_tokens"),
+    (["stages.0.sampling.max_tokens_schedule={0: 64}"], "max_tokens_schedule"),
+    (["stages.0.end.early_stop.min_delta=-1"], "min_delta"),
+    (["stages.0.algo.loss_agg_mode=bogus"], "loss_agg_mode"),
+    (["stages.rl.end.max_steps=3"], "no stage named 'rl'"),
+    (["stages.x=1"], "no stage named 'x'"),
+    (["rollout.bogus=1"], "bogus"),
+    (["rollout.num_actors=two"], "num_actors"),
+    (["rollout.engine.max_model_len=0"], "rollout.engine.max_model_len"),
+    (["rollout.engine.gpu_memory_utilization=1.5"], "rollout.engine.gpu_memory_utilization"),
+    (["rollout.engine.dtype=int8"], "rollout.engine.dtype"),
     (["learner.optim.dtype=int8"], "learner.optim.dtype"),
     (["learner.optim.micro_batch_size=0"], "micro_batch_size"),
+    (["learner.optim.weight_bucket_mb=0"], "learner.optim.weight_bucket_mb"),
+    (["learner.optim.weight_transport=pigeon"], "weight transport"),
+    (["learner.master_port=70000"], "learner.master_port"),
     (["reward.timeout_s=0"], "reward.timeout_s"),
-    (["stages.0.sampling.max_tokens=0"], "max_tokens"),
-    (["stages.rl.end.max_steps=3"], "no stage named 'rl'"),
-])
+    (["reward.accuracy_weight=0", "reward.format_weight=0"], "reward.accuracy_weight"),
+    (["reward.max_response_chars=0"], "max_response_chars"),
+    (["reward.worker_memory_mb=0"], "reward.worker_memory_mb"),
+    (["reward.kind=bogus"], "reward.kind"),
+    (["evaluation.mode=lenient"], "evaluation.mode"),
+    (["evaluation.limit=-1"], "evaluation.limit"),
+    (["data.n_train=0"], "data.n_train"),
+    (["data.image_size=8"], "data.image_size"),
+    (["data.tasks={colour: 1.0}"], "data.tasks"),
+    (["name=../up"], "name"),
+]
+
+
+@pytest.mark.parametrize("overrides, match", BAD_OVERRIDES)
 def test_bad_config_is_a_clear_error(overrides, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [case for case in BAD_OVERRIDES if all("=" in o for o in case[0])])
+def test_vireo_train_refuses_bad_config(vireo_train, overrides, match):
+    rc, err = vireo_train(*overrides)
+    assert rc == 2 and err.startswith("vireo train: bad config") and match in err, err
+
+
+@pytest.mark.parametrize("text, match", [
+    ("stages: [{name: a, kind: sft\n", "while parsing"),
+    ("- name: a\n- name: b\n", "must hold a mapping"),
+    ("name: \xff\n", "codec can't decode"),
+])
+def test_vireo_train_refuses_broken_yaml(tmp_path, vireo_train, text, match):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text.encode("latin-1"))
+    rc, err = vireo_train(config=str(path))
+    assert rc == 2 and match in err, err
 
 
 def test_missing_file_and_yaml_syntax(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from rollout.prompts import decode_image
-from services.data.loading import VIREO_SCHEMA, describe, load_problems, write_problems
+from services.data.loading import VIREO_SCHEMA, DataError, describe, load_problems, write_problems
 from services.data.problems import IMAGE_PLACEHOLDER, Problem
 from services.data.synthetic import TASKS, sample_problems
 
@@ -201,10 +201,10 @@ def test_unknown_schema_and_missing_file_are_clear(tmp_path: Path) -> None:
     pq.write_table(pa.table({"text": ["hi"], "label": [1]}), tmp_path / "other.parquet")
     with pytest.raises(ValueError, match=r"columns \['label', 'text'\] match no known schema.*mmmu"):
         load_problems(tmp_path / "other.parquet")
-    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+    with pytest.raises(DataError, match="nope.parquet"):
         load_problems(tmp_path / "nope.parquet")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .parquet files"):
+    with pytest.raises(DataError, match="no .parquet files"):
         load_problems(tmp_path / "empty")
 
 

@@ -7,18 +7,18 @@ so a corrupt or truncated image is found before a rollout needs it.
 """
 from __future__ import annotations
 
-import ast
 import re
 import string
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from rollout.prompts import decode_image
+from reward import mmmu
+from rollout.prompts import UnusableImage, decode_image
 from services.data.problems import ANSWER_TYPES, IMAGE_PLACEHOLDER, Problem
 
 LETTERS = string.ascii_uppercase
@@ -45,6 +45,53 @@ SCHEMA_COLUMNS: dict[str, frozenset[str]] = {
     "vireo": frozenset({"id", "question", "answer", "answer_type", "images"}),
     "mmmu": frozenset({"id", "question", "options", "answer", "question_type", "image_1"}),
     "math": frozenset({"problem", "answer", "images"}),
+}
+
+
+@dataclass(frozen=True)
+class _Type:
+    """What a column must hold, as a check on its Arrow type; an all-null column passes every check."""
+
+    name: str
+    ok: Callable[[pa.DataType], bool]
+
+    def accepts(self, arrow: pa.DataType) -> bool:
+        return pa.types.is_null(arrow) or self.ok(arrow)
+
+
+def _is_image(arrow: pa.DataType) -> bool:
+    """Encoded bytes, or a Hugging Face image struct {bytes, path}."""
+    if pa.types.is_struct(arrow):
+        return arrow.get_field_index("bytes") != -1 and _is_image(arrow.field("bytes").type)
+    return pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow)
+
+
+def _list_of(check: Callable[[pa.DataType], bool]) -> Callable[[pa.DataType], bool]:
+    """A list whose items pass check (or are all null)."""
+    return lambda arrow: (pa.types.is_list(arrow) or pa.types.is_large_list(arrow)) and (
+        pa.types.is_null(arrow.value_type) or check(arrow.value_type))
+
+
+def _is_text(arrow: pa.DataType) -> bool:
+    return pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
+
+
+_TEXT = _Type("text", _is_text)
+_SCALAR = _Type("text or a number", lambda arrow: _is_text(arrow) or pa.types.is_integer(arrow)
+                or pa.types.is_floating(arrow))
+_TEXTS = _Type("a list of text", _list_of(_is_text))
+_IMAGE = _Type("image bytes or an {bytes, path} struct", _is_image)
+_IMAGES = _Type("a list of images (bytes or {bytes, path} structs)", _list_of(_is_image))
+_IMAGES_OR_ONE = _Type("an image or a list of images", lambda arrow: _is_image(arrow) or _IMAGES.ok(arrow))
+_COMMON = {"id": _SCALAR, "answer": _SCALAR, "subject": _TEXT, "source": _TEXT, "solution": _TEXT, "response": _TEXT}
+# Per schema, the type each column it reads must have (a file with another type is refused, naming the column).
+COLUMN_TYPES: dict[str, dict[str, _Type]] = {
+    "vireo": {**_COMMON, "question": _TEXT, "answer_type": _TEXT, "options": _TEXTS, "images": _IMAGES,
+              "difficulty": _SCALAR},
+    "mmmu": {**_COMMON, "question": _TEXT, "options": _TEXT, "question_type": _TEXT, "topic_difficulty": _TEXT,
+             "subfield": _TEXT, **{f"image_{n}": _IMAGE for n in range(1, 8)}},
+    "math": {**_COMMON, "problem": _TEXT, "images": _IMAGES_OR_ONE, "level": _SCALAR, "difficulty": _SCALAR,
+             "subfield": _TEXT},
 }
 
 _MMMU_PLACEHOLDER = re.compile(r"<image (\d+)>")
@@ -119,11 +166,11 @@ def load_problems(path: str | Path, limit: int | None = None, require_solution: 
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
-            raise FileNotFoundError(f"no .parquet files under directory {path}")
+            raise DataError(f"no .parquet files under directory {path}")
     elif path.is_file():
         files = [path]
     else:
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DataError(f"dataset file not found: {path}")
 
     problems: list[Problem] = []
     skipped: Counter[str] = Counter()
@@ -140,15 +187,19 @@ def load_problems(path: str | Path, limit: int | None = None, require_solution: 
 def _read_files(files: list[Path], require_solution: bool) -> Iterator[Problem | str]:
     """Each row as a valid Problem or as the reason it was skipped."""
     for file in files:
-        parquet = pq.ParquetFile(file)
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowException, OSError) as error:  # empty, truncated or not parquet at all
+            raise DataError(f"{file}: not a readable parquet file ({error})") from None
         columns = parquet.schema_arrow.names
-        read_row = _ROW_READERS[_detect_schema(file, columns)]
+        schema = _detect_schema(file, columns)
+        _check_types(file, schema, parquet.schema_arrow)
+        read_row = _ROW_READERS[schema]
         if require_solution and not set(SOLUTION_COLUMNS) & set(columns):
             raise DataError(f"{file}: an SFT stage trains on a target text, but the file has no "
                             f"{' or '.join(repr(c) for c in SOLUTION_COLUMNS)} column (columns: {sorted(columns)}); "
                             "write one (vireo make-coldstart does) or use the file in a grpo stage")
-        rows = (row for batch in parquet.iter_batches(batch_size=_BATCH_ROWS) for row in batch.to_pylist())
-        for index, row in enumerate(rows):
+        for index, row in enumerate(_rows(file, parquet)):
             try:
                 problem = _validated(read_row(row, file, index))
                 if require_solution and not problem.solution:
@@ -158,17 +209,38 @@ def _read_files(files: list[Path], require_solution: bool) -> Iterator[Problem |
                 yield skip.args[0]
 
 
+def _rows(file: Path, parquet: pq.ParquetFile) -> Iterator[dict[str, Any]]:
+    """The file's rows; a page that cannot be read refuses the file, naming it."""
+    try:
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{file}: parquet data cannot be read ({error})") from None
+
+
 def _detect_schema(file: Path, columns: list[str]) -> str:
     found = set(columns)
     for name, required in SCHEMA_COLUMNS.items():
         if required <= found:
             return name
     expected = "; ".join(f"{name}: {sorted(cols)}" for name, cols in SCHEMA_COLUMNS.items())
-    raise ValueError(f"{file}: columns {sorted(found)} match no known schema; expected at least ({expected})")
+    raise DataError(f"{file}: columns {sorted(found)} match no known schema; expected at least ({expected})")
+
+
+def _check_types(file: Path, schema: str, arrow: pa.Schema) -> None:
+    """Right column names with the wrong types (numbers for images, a string for a list) are refused here,
+    naming the column, rather than misread row by row."""
+    for column, expected in COLUMN_TYPES[schema].items():
+        if column in arrow.names and not expected.accepts(arrow.field(column).type):
+            raise DataError(f"{file}: column {column!r} has type {arrow.field(column).type}, "
+                            f"but the {schema} schema needs {expected.name}")
 
 
 def _validated(problem: Problem) -> Problem:
-    """Checks every schema shares: an answer, known type, usable options, placeholders, decodable images."""
+    """Checks every schema shares: a question, an answer, known type, usable options, placeholders, decodable
+    images."""
+    if not problem.question.replace(IMAGE_PLACEHOLDER, "").strip():
+        raise Skip("missing_question")
     if not problem.answer.strip():
         raise Skip("missing_answer")
     if problem.answer_type not in ANSWER_TYPES:
@@ -182,7 +254,9 @@ def _validated(problem: Problem) -> Problem:
         raise Skip("image_mismatch")
     for data in problem.images:
         try:
-            decode_image(data).load()
+            decode_image(data)
+        except UnusableImage as unusable:
+            raise Skip(unusable.args[0]) from None
         except Exception as error:  # PIL raises many types for undecodable data
             raise Skip("corrupt_image") from error
     return problem
@@ -235,10 +309,7 @@ def _read_vireo(row: dict[str, Any], file: Path, index: int) -> Problem:
 
 def _read_mmmu(row: dict[str, Any], file: Path, index: int) -> Problem:
     """MMMU's hub layout: `<image n>` placeholders, image_n struct columns, options as a literal string."""
-    try:
-        options = ast.literal_eval(row["options"]) if row["options"] else []
-    except (ValueError, SyntaxError) as error:
-        raise Skip("bad_options") from error
+    options = mmmu.read_literal(row["options"]) if row["options"] else []
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise Skip("bad_options")
     question = _text(row["question"])

@@ -37,6 +37,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 MAX_COUNT = 3
+MIN_IMAGE_SIZE = 22  # below it a cell of the 2x2 grid cannot hold the largest blob with its margin (_blobs)
 # Reference solutions reflect some of the time (P3 §5.1: critical tokens such as "Wait" mark reflection):
 # a share recounts ("Wait, let me count again"), part of it correcting a wrong first count.
 REFLECT_RATE = 0.3
