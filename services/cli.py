@@ -1,4 +1,4 @@
-"""`vireo` command line: make-model, make-data, make-coldstart, train, select-checkpoint, eval, score."""
+"""`vireo` command line: make-model, make-data, make-coldstart, train, select-checkpoint, eval, score, runs."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,7 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.out_dir) / (cfg.tracking.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     report = Controller(cfg, run_dir).run()
     print(stage_table(report))
     print(format_ranking({"by": "critical_entropy", **{k: report[k] for k in (
@@ -83,12 +83,20 @@ def _eval(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _runs(argv: Sequence[str]) -> int:
+    from services.runs import main
+
+    return main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
         return _score(argv[1:])
     if argv[:1] == ["eval"]:
         return _eval(argv[1:])
+    if argv[:1] == ["runs"]:
+        return _runs(argv[1:])
     parser = argparse.ArgumentParser(prog="vireo", description="RL post-training for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="build the tiny embedded-default VLM")
@@ -126,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_train)
     sub.add_parser("score", help="score a JSONL of responses (see `vireo score --help`)")
     sub.add_parser("eval", help="generate with vLLM and score a data set (see `vireo eval --help`)")
+    sub.add_parser("runs", help="compare runs side by side, plot their curves (MLflow; see `vireo runs --help`)")
     args = parser.parse_args(argv)
     return args.func(args)
 

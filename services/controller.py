@@ -18,7 +18,7 @@ import torch
 
 from actors.learner_actor import LearnerGroup
 from actors.reward_actor import RewardActor
-from actors.rollout_actor import RolloutActor
+from actors.rollout_actor import RolloutActor, count_alive
 from learner.types import TrainBatch, TrainSample
 from reward.types import RewardResult, ScoreRequest
 from rollout.prompts import decode_images, render_prompt
@@ -30,7 +30,8 @@ from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
 from services.stages import EndRule, StageKind, get_stage_kind
 from services.selection import selection_summary
-from services.tracking import JsonlBackend, Tracker, read_metrics
+from services.progress import StageProgress
+from services.tracking import read_metrics, start_tracker
 
 REWARD_CPUS = 0.1
 PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
@@ -100,7 +101,9 @@ def shard_batch(samples: list[TrainSample], ranks: int) -> list[TrainBatch]:
 
 class Controller:
     def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
-        self.cfg, self.run_dir, self.log = cfg, run_dir, log
+        self.cfg, self.run_dir = cfg, run_dir
+        self.progress = StageProgress(log)
+        self.log = self.progress.line
         self.on_gpu = torch.cuda.is_available() or cfg.rollout.num_gpus_per_actor > 0
         self.skipped: Counter = Counter()
         self.dirty = False  # the learner holds weights the engines have not received
@@ -188,7 +191,7 @@ class Controller:
                                + ", ".join(f"{k} needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items()))
         self.rollouts = [
             RolloutActor.options(num_cpus=cfg.rollout.num_cpus_per_actor, num_gpus=cfg.rollout.num_gpus_per_actor)
-            .remote(cfg.model.path, cfg.rollout.engine, self.on_gpu)
+            .remote(cfg.model.path, cfg.rollout.engine, self.on_gpu, self.run_dir.name)
             for _ in range(cfg.rollout.num_actors)
         ]
         self.reward = RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward)
@@ -314,7 +317,7 @@ class Controller:
     def run(self) -> dict:
         cfg = self.cfg
         plans = self.prepare()
-        self.tracker = Tracker([JsonlBackend(self.run_dir / "metrics.jsonl")])
+        self.tracker = start_tracker(cfg, self.run_dir, self.log)
         self.log(f"[run] {cfg.name}: model {cfg.model.path}, stages "
                  + " -> ".join(f"{p.cfg.name} ({p.cfg.kind})" for p in plans)
                  + f", {cfg.rollout.num_actors} rollout actors, {cfg.learner.num_ranks} learner ranks")
@@ -328,10 +331,10 @@ class Controller:
         last = report["stages"][-1]
         report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                        "data_skipped": dict(self.skipped)})
-        self.tracker.close()
         selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
         report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
         self._write_report(report)
+        self.tracker.close()
         return report
 
     def begin_stage(self, index: int, plan: StagePlan) -> tuple[StageKind, EndRule, dict[str, int]]:
@@ -355,6 +358,7 @@ class Controller:
             metrics = kind.step(step, start_step + step)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
             metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs})
+            metrics["actors/rollout_alive"] = count_alive(self.rollouts)
             reason = end.after_step(step, metrics)
             saved = None
             if cfg.save_every and step % cfg.save_every == 0 and reason is None:
@@ -364,7 +368,7 @@ class Controller:
                                                      plan.heldout, report, saved))
                 reason = end.after_eval(metrics)
             self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
-            self._progress(cfg, step, end.limit, metrics, started)
+            self.progress.update(cfg.name, cfg.kind, step, end.limit, metrics, started, done=reason is not None)
         checkpoint = self._save(cfg.name)
         final = self.evaluate_heldout(f"{cfg.name} end", start_step + step, cfg.name, plan.heldout, report,
                                       checkpoint)
@@ -389,18 +393,6 @@ class Controller:
         tmp = self.run_dir / "report.json.tmp"
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(self.run_dir / "report.json")
-
-    def _progress(self, cfg: StageConfig, step: int, limit: int, metrics: dict, started: float) -> None:
-        eta = (time.time() - started) / step * (limit - step)
-        if cfg.kind == "grpo":
-            self.log(f"[{cfg.name}] step {step}/{limit} reward {metrics['reward/mean']:.3f} "
-                     f"acc {metrics['reward/accuracy']:.3f} fmt {metrics['reward/format']:.3f} "
-                     f"entropy {metrics.get('actor/entropy', float('nan')):.3f} "
-                     f"diff {metrics.get('sync/logprob_diff_max', float('nan')):.1e} "
-                     f"step {metrics['timing_s/step']:.1f}s eta {eta:.0f}s")
-        elif step == 1 or step % 10 == 0 or step == limit:
-            self.log(f"[{cfg.name}] step {step}/{limit} loss {metrics.get('actor/loss', float('nan')):.3f} "
-                     f"lr {metrics.get('actor/lr', float('nan')):.2e} ({time.time() - started:.0f}s, eta {eta:.0f}s)")
 
 
 def stage_table(report: dict) -> str:
