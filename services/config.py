@@ -189,7 +189,7 @@ class PrometheusConfig:
 
 @dataclass
 class MlflowConfig:
-    """tracking_uri "" = $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db; experiment "" =
+    """tracking_uri "" = $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db; experiment "" =
     $MLFLOW_EXPERIMENT_NAME, else the run's name. $MLFLOW_RUN_ID attaches to an existing run (resume)."""
 
     tracking_uri: str = ""

@@ -199,7 +199,7 @@ def mlflow_key(key: str) -> str:
 
 
 def default_tracking_uri(out_dir: str | Path = "runs") -> str:
-    """$MLFLOW_TRACKING_URI, else a sqlite file under the runs folder."""
+    """$MLFLOW_TRACKING_URI, else a sqlite file in the runs folder (the run directories' parent)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
@@ -247,7 +247,8 @@ class MlflowBackend:
 
         self.run = run
         cfg = run.cfg.tracking.mlflow
-        uri = cfg.tracking_uri or default_tracking_uri(run.cfg.out_dir)
+        runs_folder = run.run_dir.resolve().parent  # <out_dir> for `vireo train`
+        uri = cfg.tracking_uri or default_tracking_uri(runs_folder)
         self.client = MlflowClient(uri)
         attach = os.environ.get("MLFLOW_RUN_ID")
         if attach:
@@ -255,7 +256,7 @@ class MlflowBackend:
         else:
             name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run.cfg.name
             local = uri.startswith("sqlite:///") and not cfg.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ
-            experiment = self._experiment(name, Path(run.cfg.out_dir).resolve() / "mlartifacts" if local else None)
+            experiment = self._experiment(name, runs_folder / "mlartifacts" if local else None)
             self.run_uuid = self.client.create_run(experiment, run_name=run.run_id).info.run_id
         have = self.client.get_run(self.run_uuid).data.params
         params = [Param(mlflow_key(k), v[:6000]) for k, v in flatten(asdict(run.cfg)).items()
