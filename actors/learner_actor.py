@@ -1,9 +1,13 @@
-"""Ray shell around one learner rank, and the group that starts L of them as one torch.distributed world."""
+"""Ray shell around one learner rank, and the group that starts L of them as one torch.distributed world:
+gang-scheduled in one placement group, rendezvous at rank 0's node."""
 from __future__ import annotations
 
 import socket
+import weakref
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.supervision import get_all
 from actors.weight_link import RayEngineLink
@@ -60,17 +64,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PLACEMENT_TIMEOUT_S = 600
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address(port: int) -> tuple[str, int]:
+    """Run in rank 0's bundle: that node's address and a port free there (the driver may be elsewhere)."""
+    return ray.util.get_node_ip_address(), port or free_port()
+
+
 class LearnerGroup:
-    """L learner actors forming one DeepSpeed/torch.distributed world; each call goes to all ranks and
-    fails fast, naming the rank, when one of them dies or a call passes `timeout_s`."""
+    """L learner actors forming one DeepSpeed/torch.distributed world; each call goes to all ranks and fails
+    fast, naming the rank, when one of them dies or a call passes `timeout_s`. The
+    ranks are gang-scheduled: one placement group of L bundles ({CPU, GPU} each, packed onto as few nodes as
+    possible) is reserved before any rank starts, so a world never half-starts. The group's lifetime is its
+    actors': when this object goes, the reservation goes too."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, num_ranks: int, num_cpus: float, num_gpus: float,
                  master_port: int = 0, timeout_s: float = 3600.0, version: int = 0):
-        master_addr = ray.util.get_node_ip_address() if num_gpus else "127.0.0.1"
-        port = master_port or free_port()
         self.timeout_s = timeout_s
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
+        finalizer = weakref.finalize(self, _release, self.placement)
+        finalizer.atexit = False
+        try:
+            ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"could not reserve {num_ranks} learner bundles {bundle} in {PLACEMENT_TIMEOUT_S} s; "
+                               f"cluster resources: {ray.available_resources()}") from None
+
+        def on_bundle(rank: int) -> PlacementGroupSchedulingStrategy:
+            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank)
+
+        master_addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=on_bundle(0)).remote(master_port))
         self.actors = [
-            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+            LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=on_bundle(rank)).remote(
                 model_path, cfg, rank, num_ranks, master_addr, port, version)
             for rank in range(num_ranks)
         ]
@@ -118,3 +146,8 @@ class LearnerGroup:
     def kill(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def _release(placement) -> None:
+    if ray.is_initialized():
+        remove_placement_group(placement)

@@ -21,7 +21,8 @@ WORKER_EXTENSION = "rollout.vllm_adapter.VireoWorkerExtension"
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How to start one engine. cpu_threads applies to vLLM's CPU build only."""
+    """How to start one engine. cpu_threads applies to vLLM's CPU build only; tensor_parallel_size shards
+    the engine over that many GPUs of its own node (the rollout actor reserves exactly as many)."""
 
     dtype: str = "float32"
     max_model_len: int = 1024
@@ -31,6 +32,7 @@ class EngineOptions:
     cpu_threads: int = 1
     enforce_eager: bool = True
     max_images_per_prompt: int = 1
+    tensor_parallel_size: int = 1
 
 
 def configure_process_env(options: EngineOptions, on_gpu: bool) -> None:
@@ -63,6 +65,7 @@ def make_llm(model_path: str, options: EngineOptions):
     return LLM(
         model=model_path, dtype=options.dtype, max_model_len=options.max_model_len, seed=options.seed,
         enforce_eager=options.enforce_eager, gpu_memory_utilization=options.gpu_memory_utilization,
+        tensor_parallel_size=options.tensor_parallel_size,
         limit_mm_per_prompt={"image": options.max_images_per_prompt},
         worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=False,
     )

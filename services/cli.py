@@ -1,4 +1,4 @@
-"""`vireo` command line: make-model, make-data, make-coldstart, train, select-checkpoint, eval, score."""
+"""`vireo` command line: make-model, make-data, make-coldstart, train, select-checkpoint, eval, score, runs."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +37,8 @@ def _train(args) -> int:
         args.config, args.overrides = None, [args.config, *args.overrides]
     try:
         cfg = load_config(args.config, args.overrides)
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / (
+            cfg.tracking.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / "config.yaml").is_file():  # a run lives there: resume it, with its own config
             if not cfg.resume:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
@@ -96,12 +97,20 @@ def _eval(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _runs(argv: Sequence[str]) -> int:
+    from services.runs import main
+
+    return main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["score"]:
         return _score(argv[1:])
     if argv[:1] == ["eval"]:
         return _eval(argv[1:])
+    if argv[:1] == ["runs"]:
+        return _runs(argv[1:])
     parser = argparse.ArgumentParser(prog="vireo", description="RL post-training for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="build the tiny embedded-default VLM")
@@ -139,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_train)
     sub.add_parser("score", help="score a JSONL of responses (see `vireo score --help`)")
     sub.add_parser("eval", help="generate with vLLM and score a data set (see `vireo eval --help`)")
+    sub.add_parser("runs", help="compare runs side by side, plot their curves (MLflow; see `vireo runs --help`)")
     args = parser.parse_args(argv)
     return args.func(args)
 

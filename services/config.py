@@ -195,6 +195,36 @@ class FaultConfig:
 
 
 @dataclass
+class PrometheusConfig:
+    """The controller's /metrics endpoint: loopback by default (0.0.0.0 on a cluster head so the cluster's
+    Prometheus can reach it); port 0 picks a free one (printed at start)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass
+class MlflowConfig:
+    """tracking_uri "" = $MLFLOW_TRACKING_URI, else sqlite:///<runs folder>/mlflow.db; experiment "" =
+    $MLFLOW_EXPERIMENT_NAME, else the run's name. $MLFLOW_RUN_ID attaches to an existing run (resume)."""
+
+    tracking_uri: str = ""
+    experiment: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    """backends: registered tracker backends by name (services.tracking). run_id "" = <name>-<time>; it
+    names the run directory, the MLflow run (tag run_id), the Prometheus label and the Ray job metadata.
+    Prometheus is opt-in: its fixed port would collide between two runs on one machine."""
+
+    backends: list[str] = field(default_factory=lambda: ["jsonl", "mlflow"])
+    run_id: str = ""
+    prometheus: PrometheusConfig = field(default_factory=PrometheusConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+@dataclass
 class RunConfig:
     """run_dir: where the run lives (empty: out_dir/<name>-<time>). A run_dir that already holds a run is
     resumed from its latest checkpoint, with the run's own saved config; resume=false refuses instead."""
@@ -215,6 +245,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 class ConfigError(ValueError):
@@ -272,6 +303,7 @@ def validate(cfg: RunConfig) -> None:
     from reward.benchmark import PROTOCOLS
     from services.selection import CRITERIA
     from services.stages import STAGE_KINDS
+    from services.tracking import TRACKER_BACKENDS
 
     def one_of(value, known, key: str) -> tuple[bool, str]:
         return value in known, f"{key} must be one of {sorted(known)}, got {value!r}"
@@ -331,7 +363,14 @@ def validate(cfg: RunConfig) -> None:
          "faults.*_timeout_s must be > 0"),
         (cfg.faults.max_restarts >= 0, "faults.max_restarts must be >= 0"),
         (len({s.name for s in cfg.stages}) == len(cfg.stages), "stage names must be unique"),
+        (cfg.rollout.engine.tensor_parallel_size >= 1, "rollout.engine.tensor_parallel_size must be >= 1"),
+        (cfg.rollout.num_gpus_per_actor in (0, cfg.rollout.engine.tensor_parallel_size),
+         "rollout.num_gpus_per_actor must be 0 (CPU) or rollout.engine.tensor_parallel_size "
+         f"({cfg.rollout.engine.tensor_parallel_size}): an engine shards over the GPUs of its actor"),
+        (0 <= cfg.tracking.prometheus.port < 65536, "tracking.prometheus.port must be in [0, 65536)"),
+        (not cfg.tracking.run_id or "/" not in cfg.tracking.run_id, "tracking.run_id must not contain '/'"),
     ]
+    checks += [one_of(name, TRACKER_BACKENDS, "tracking.backends") for name in cfg.tracking.backends]
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i} ({stage.name})"
         checks += [

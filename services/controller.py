@@ -23,7 +23,7 @@ import torch
 from actors.learner_actor import LearnerGroup
 from actors.local_ray import start_local_ray
 from actors.reward_actor import RewardActor
-from actors.rollout_actor import RolloutActor
+from actors.rollout_actor import RolloutActor, count_alive
 from actors.supervision import ActorFailure, RestartBudget, RolloutPool, Supervised, actor_lost
 from learner.types import TrainBatch, TrainSample
 from reward.types import RewardResult, ScoreRequest
@@ -36,8 +36,9 @@ from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
 from services.stages import EndRule, StageKind, get_stage_kind
+from services.progress import StageProgress
 from services.selection import checkpoint_ranking, selection_summary
-from services.tracking import JsonlBackend, Tracker, read_metrics
+from services.tracking import read_metrics, start_tracker
 
 REWARD_CPUS = 0.1
 EXIT_INTERRUPTED = 130
@@ -103,7 +104,9 @@ def shard_batch(samples: list[TrainSample], ranks: int) -> list[TrainBatch]:
 
 class Controller:
     def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.progress = StageProgress(log)
+        self.log = self.progress.line
         self.on_gpu = torch.cuda.is_available() or cfg.rollout.num_gpus_per_actor > 0
         self.skipped: Counter = Counter()
         self.dirty = False  # the learner holds weights the engines have not received
@@ -206,7 +209,7 @@ class Controller:
         self.pool = RolloutPool(
             lambda: RolloutActor.options(num_cpus=cfg.rollout.num_cpus_per_actor,
                                          num_gpus=cfg.rollout.num_gpus_per_actor).remote(
-                model_path, cfg.rollout.engine, self.on_gpu, version),
+                model_path, cfg.rollout.engine, self.on_gpu, version, self.run_dir.name),
             cfg.rollout.num_actors, faults.rollout_timeout_s, self.restarts, self.log, faults.startup_timeout_s)
         self.reward = Supervised(lambda: RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward),
                                  "reward actor", faults.reward_timeout_s, self.restarts, self.log)
@@ -308,7 +311,7 @@ class Controller:
         return worst
 
     def fault_metrics(self) -> dict[str, float]:
-        return {"actors/restarts": self.restarts.used, "actors/rollout_alive": len(self.rollouts)}
+        return {"actors/restarts": self.restarts.used, "actors/rollout_alive": count_alive(self.rollouts)}
 
     # ---- evaluation: the one judge -----------------------------------------------------------------
     def evaluate(self, problems: list[Problem]) -> EvalResult:
@@ -374,8 +377,7 @@ class Controller:
         self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoint)
         latest = self.store.latest()
         state = latest[1] if latest else None
-        self.jsonl = JsonlBackend(self.run_dir / "metrics.jsonl", keep_rows=state["metrics_rows"] if state else 0)
-        self.tracker = Tracker([self.jsonl])
+        self.tracker = start_tracker(cfg, self.run_dir, self.log, state["metrics_rows"] if state else None)
         if latest:
             self.last_checkpoint = str(latest[0])
             self._restore(state)
@@ -395,6 +397,12 @@ class Controller:
                 step = self.run_stage(index, plan, step, report, here)
                 if self.stop_requested and index + 1 < len(plans):
                     raise RunStopped(self._stopped_message(step), EXIT_INTERRUPTED)
+            last = report["stages"][-1]
+            report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
+                           "data_skipped": dict(self.skipped)})
+            selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
+            report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
+            self._write_report(report)
         except ActorFailure as failure:
             self.stop_actors()
             raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None
@@ -409,13 +417,7 @@ class Controller:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            self.tracker.close()
-        last = report["stages"][-1]
-        report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
-                       "data_skipped": dict(self.skipped)})
-        selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
-        report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
-        self._write_report(report)
+            self.tracker.close()  # after the final report: MLflow logs it as an artifact
         return report
 
     def _begin_report(self, plans: list[StagePlan]) -> dict:
@@ -474,7 +476,7 @@ class Controller:
                                                      plan.heldout, report, str(self.store.path(name)) if save else None))
                 reason = end.after_eval(metrics)
             self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
-            self._progress(cfg, step, end.limit, metrics, started)
+            self.progress.update(cfg.name, cfg.kind, step, end.limit, metrics, started, done=reason is not None)
             if save or (self.stop_requested and reason is None):
                 self._save(name, index, step, start_step + step, kind, end, report, started, done=False)
             if self.stop_requested and reason is None:
@@ -503,7 +505,7 @@ class Controller:
         state = {"stage_index": index, "stage_name": self.cfg.stages[index].name, "stage_step": stage_step,
                  "global_step": global_step, "stage_done": done, "sampler": kind.sampler.state(),
                  "end_rule": end.state(), "report": report, "skipped": dict(self.skipped),
-                 "weights_version": self.weights_version, "dirty": self.dirty, "metrics_rows": self.jsonl.rows,
+                 "weights_version": self.weights_version, "dirty": self.dirty, "metrics_rows": self.tracker.jsonl.rows,
                  "stage_seconds": time.time() - started, "stage_start_model": self.stage_start_model,
                  "rng": {"python": random.getstate(),
                          "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}}
@@ -552,18 +554,6 @@ class Controller:
         """report.json is rewritten after every evaluation and checkpoint, so a run that fails later keeps
         its evaluations."""
         atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
-
-    def _progress(self, cfg: StageConfig, step: int, limit: int, metrics: dict, started: float) -> None:
-        eta = (time.time() - started) / step * (limit - step)
-        if cfg.kind == "grpo":
-            self.log(f"[{cfg.name}] step {step}/{limit} reward {metrics['reward/mean']:.3f} "
-                     f"acc {metrics['reward/accuracy']:.3f} fmt {metrics['reward/format']:.3f} "
-                     f"entropy {metrics.get('actor/entropy', float('nan')):.3f} "
-                     f"diff {metrics.get('sync/logprob_diff_max', float('nan')):.1e} "
-                     f"step {metrics['timing_s/step']:.1f}s eta {eta:.0f}s")
-        elif step == 1 or step % 10 == 0 or step == limit:
-            self.log(f"[{cfg.name}] step {step}/{limit} loss {metrics.get('actor/loss', float('nan')):.3f} "
-                     f"lr {metrics.get('actor/lr', float('nan')):.2e} ({time.time() - started:.0f}s, eta {eta:.0f}s)")
 
 
 def _built_once(out: Path, build) -> Path:

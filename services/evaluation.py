@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from reward import mmmu
@@ -69,8 +69,11 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
     problems = loaded.problems
     if not problems:
         raise ValueError(f"no usable problems in {data_path} (skipped: {dict(loaded.skipped)})")
-    engine = RolloutEngine(model_path, engine_options or EngineOptions(max_images_per_prompt=max(
-        len(p.images) for p in problems) or 1))
+    import torch
+
+    images = max(len(p.images) for p in problems) or 1
+    engine = RolloutEngine(model_path, replace(engine_options or EngineOptions(), max_images_per_prompt=images),
+                           on_gpu=torch.cuda.is_available())
     progress = progress_bar("[eval] generating")
 
     def generate(chunk_of: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
@@ -100,6 +103,8 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
 def main(argv) -> int:
     import argparse
 
+    from learner.worker import DTYPES
+
     parser = argparse.ArgumentParser(prog="vireo eval", description="Generate with vLLM and score a data set.")
     parser.add_argument("--model", required=True, help="HF checkpoint directory")
     parser.add_argument("--data", required=True, help="parquet file or directory (vireo, MMMU or math schema)")
@@ -111,9 +116,20 @@ def main(argv) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0)
+    engine = EngineOptions()
+    parser.add_argument("--dtype", choices=DTYPES, default=engine.dtype, help="weights and compute dtype")
+    parser.add_argument("--max-model-len", type=int, default=engine.max_model_len,
+                        help="context length: prompt (with image tokens) + --max-tokens must fit")
+    parser.add_argument("--tensor-parallel-size", type=int, default=engine.tensor_parallel_size,
+                        help="GPUs the engine shards over (one node)")
     args = parser.parse_args(argv)
+    if args.max_tokens >= args.max_model_len:
+        parser.error(f"--max-tokens {args.max_tokens} leaves no room for the prompt in --max-model-len "
+                     f"{args.max_model_len}")
     summary = evaluate_model(args.model, args.data, EvalOptions(
         protocol=args.protocol, mode=args.mode, temperature=args.temperature, max_tokens=args.max_tokens,
-        seed=args.seed, limit=args.limit), args.out)
+        seed=args.seed, limit=args.limit), args.out, EngineOptions(
+        dtype=args.dtype, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed))
     print(format_summary(summary))
     return 0

@@ -1,31 +1,66 @@
-"""One small fan-out tracker: every metric goes to every backend (jsonl now; Prometheus and MLflow
-plug into the same interface)."""
+"""Trackers: every metrics row goes to every configured backend (`tracking.backends`), each a registered
+class behind one interface. One run_id (the run directory's name) names the run in all of them: the MLflow
+tag `run_id`, the Prometheus label `run_id`, and the Ray job metadata set by deploy/submit.sh."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from services.config import RunConfig
+
+
+@dataclass
+class RunContext:
+    """What a backend's start hook receives: the run's config, its identity and where to print."""
+
+    cfg: RunConfig
+    run_id: str
+    run_dir: Path
+    log: Callable[[str], None] = print
+    resumed_rows: int | None = None  # a resumed run: the metrics rows its checkpoint had seen
 
 
 class MetricsBackend(Protocol):
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def start(self, run: RunContext) -> None: ...
+
+    def log(self, step: int, metrics: dict[str, float | str]) -> None: ...
 
     def close(self) -> None: ...
 
 
-class JsonlBackend:
-    """metrics.jsonl: one JSON object per step, `step` first; NaN/inf written as null. A resumed run
-    opens it with `keep_rows`, the rows its checkpoint had seen: rows written after the checkpoint (the
-    steps the run repeats) are dropped, so no step appears twice."""
+TRACKER_BACKENDS: dict[str, type[MetricsBackend]] = {}
 
-    def __init__(self, path: str | Path, keep_rows: int = 0):
-        self.path = Path(path)
+
+def register_backend(name: str):
+    def wrap(cls):
+        TRACKER_BACKENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_backend("jsonl")
+class JsonlBackend:
+    """metrics.jsonl in the run directory: one JSON object per row, `step` first; NaN/inf written as null.
+    The run's own record (checkpoint selection and resume read it). A resumed run keeps only the rows its
+    checkpoint had seen: rows written after it (the steps the run repeats) go, so no step appears twice."""
+
+    def start(self, run: RunContext) -> None:
+        self.path = run.run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = truncate_rows(self.path, keep_rows)
+        self.rows = truncate_rows(self.path, run.resumed_rows or 0)
         self._file = self.path.open("a", encoding="utf-8")
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                                 for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
@@ -39,8 +74,9 @@ class JsonlBackend:
 class Tracker:
     def __init__(self, backends: list[MetricsBackend]):
         self.backends = backends
+        self.jsonl = next(b for b in backends if isinstance(b, JsonlBackend))
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict) -> None:
         for backend in self.backends:
             backend.log(step, metrics)
 
@@ -60,5 +96,231 @@ def truncate_rows(path: Path, keep: int) -> int:
     return len(lines)
 
 
+def start_tracker(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print,
+                  resumed_rows: int | None = None) -> Tracker:
+    """The backends named in cfg.tracking.backends, each started with the run's config and identity;
+    `resumed_rows` (a resumed run): the metrics rows its checkpoint had seen."""
+    run = RunContext(cfg, run_dir.name, run_dir, log, resumed_rows)
+    backends = [TRACKER_BACKENDS[name]() for name in cfg.tracking.backends]
+    for backend in backends:
+        backend.start(run)
+    return Tracker(backends)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    """The row's numbers (event rows also carry strings such as `stage` and `reason`)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+# ---- Prometheus ----------------------------------------------------------------------------------------
+# metrics-row key -> (series, help). Base units in names, ratios as _ratio, entropies and KL in nats.
+PROMETHEUS_GAUGES = {
+    "reward/mean": ("vireo_reward_mean", "Mean reward of the step's samples (0.8 accuracy + 0.2 format)."),
+    "reward/accuracy": ("vireo_reward_accuracy_ratio", "Share of the step's samples with a correct answer."),
+    "reward/format": ("vireo_reward_format_ratio", "Share of the step's samples in the required format."),
+    "actor/entropy": ("vireo_policy_entropy_nats", "Token-mean policy entropy over response tokens."),
+    "actor/critical_entropy": ("vireo_critical_token_entropy_nats",
+                               "Mean entropy at critical reasoning tokens (Wait, Alternatively, ...)."),
+    "actor/kl": ("vireo_policy_kl_nats", "KL divergence to the stage's reference policy."),
+    "actor/pg_clipfrac": ("vireo_policy_clip_ratio", "Share of response tokens where the PPO clip is active."),
+    "actor/grad_norm": ("vireo_grad_norm", "Global gradient norm before clipping."),
+    "actor/loss": ("vireo_loss", "Training loss of the step."),
+    "response_length/mean": ("vireo_response_length_tokens", "Mean response length of the step."),
+    "perf/tokens_per_s": ("vireo_generated_tokens_per_second", "Generated tokens per second of step time."),
+    "sync/version": ("vireo_weights_version", "Weights version held by every rollout engine."),
+    "stage/index": ("vireo_stage_index", "Index of the running stage in the run's stage list."),
+    "actors/rollout_alive": ("vireo_rollout_actors_alive", "Rollout actors answering a health call."),
+    "eval/heldout/accuracy": ("vireo_heldout_accuracy_ratio", "Held-out accuracy at the last evaluation."),
+    "eval/heldout/critical_entropy": ("vireo_heldout_critical_token_entropy_nats",
+                                      "Critical-token entropy of greedy held-out responses at the last evaluation."),
+}
+STEP_TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+TIMING_PREFIX, SKIPPED_PREFIX, RESTARTS_KEY = "timing_s/", "data/skipped/", "actors/restarts"
+
+
+@register_backend("prometheus")
+class PrometheusBackend:
+    """prometheus_client in the controller process, on its own registry, served at
+    http://<tracking.prometheus.host>:<port>/metrics while the run lives. Gauges carry {run_id, stage}; a
+    stage's gauges are dropped when the next stage starts, so its lines end there. Row values that are
+    cumulative (restarts, skipped rows) become counters by their increase."""
+
+    def start(self, run: RunContext) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+        self.run_id, self.stage = run.run_id, None
+        self.registry = CollectorRegistry()
+        labels = ("run_id", "stage")
+        self.gauges = {key: Gauge(name, doc, labels, registry=self.registry)
+                       for key, (name, doc) in PROMETHEUS_GAUGES.items()}
+        self.step = Gauge("vireo_step", "Global training step (over all stages).", labels, registry=self.registry)
+        self.last_step = Gauge("vireo_last_step_timestamp_seconds", "Unix time of the last finished step.",
+                               ["run_id"], registry=self.registry)
+        self.step_time = Histogram("vireo_step_duration_seconds", "Step time by phase (gen, reward, train, "
+                                   "sync, step = the whole step).", ["run_id", "stage", "phase"],
+                                   buckets=STEP_TIME_BUCKETS, registry=self.registry)
+        self.restarts = Counter("vireo_actor_restarts", "Actor restarts (rollout, reward, learner).", ["run_id"],
+                                registry=self.registry)
+        self.skipped = Counter("vireo_samples_skipped", "Data rows skipped, by split/reason.",
+                               ["run_id", "reason"], registry=self.registry)
+        self.restarts.labels(self.run_id)  # exported as 0 from the start
+        self._cumulative: dict[str, float] = {}
+        cfg = run.cfg.tracking.prometheus
+        self.server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.registry)
+        self.url = f"http://{cfg.host}:{self.server.server_port}/metrics"
+        run.log(f"[prometheus] {self.url} (run_id {self.run_id})")
+
+    def log(self, step: int, metrics: dict) -> None:
+        stage = str(metrics.get("stage", ""))
+        if stage != self.stage:
+            if self.stage is not None:
+                for gauge in (*self.gauges.values(), self.step):
+                    gauge.remove(self.run_id, self.stage)
+            self.stage = stage
+        values = numeric(metrics)
+        for key, value in values.items():
+            if key in self.gauges:  # NaN too: "undefined at this step" (e.g. no critical token sampled)
+                self.gauges[key].labels(self.run_id, stage).set(value)
+            elif not math.isfinite(value):
+                continue
+            elif key.startswith(TIMING_PREFIX):
+                self.step_time.labels(self.run_id, stage, key[len(TIMING_PREFIX):]).observe(value)
+            elif key == RESTARTS_KEY:
+                self._increase(self.restarts.labels(self.run_id), key, value)
+            elif key.startswith(SKIPPED_PREFIX):
+                self._increase(self.skipped.labels(self.run_id, key[len(SKIPPED_PREFIX):]), key, value)
+        self.step.labels(self.run_id, stage).set(step)
+        if "event" not in metrics:
+            self.last_step.labels(self.run_id).set(time.time())
+
+    def _increase(self, counter, key: str, total: float) -> None:
+        counter.inc(max(total - self._cumulative.get(key, 0.0), 0.0))
+        self._cumulative[key] = max(total, self._cumulative.get(key, 0.0))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---- MLflow --------------------------------------------------------------------------------------------
+MLFLOW_BAD_KEY = re.compile(r"[^\w.\- :/]")
+
+
+def mlflow_key(key: str) -> str:
+    """A name MLflow accepts (<= 250 chars of [/\\w.\\- :], unchanged by path normalisation)."""
+    key = MLFLOW_BAD_KEY.sub("_", key).replace("..", "_")
+    key = re.sub("/{2,}", "/", key).strip("/")
+    return key[:250] or "_"
+
+
+def default_tracking_uri(out_dir: str | Path = "runs") -> str:
+    """$MLFLOW_TRACKING_URI, else a sqlite file in the runs folder (the run directories' parent)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"a/b/c": "value"}; stages are addressed by name (`stages/grpo/optim/lr`)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(x, dict) and "name" in x for x in tree):
+        items = ((x["name"], x) for x in tree)
+    else:
+        return {prefix: str(tree)}
+    out: dict[str, str] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}/{key}" if prefix else str(key)))
+    return out
+
+
+def ray_job_metadata() -> dict[str, str]:
+    """The metadata of the Ray job this driver runs under (`ray job submit` passes it in the environment;
+    job_submission_id is always there), else {}."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")).get("metadata", {})
+
+
+def git_commit() -> str:
+    """The code's commit: git where the checkout has .git, else $VIREO_GIT_COMMIT (a Ray job's working_dir
+    travels without .git; deploy/submit.sh sets it)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("VIREO_GIT_COMMIT", "")
+
+
+@register_backend("mlflow")
+class MlflowBackend:
+    """One MLflow run per vireo run: the flattened config as params, every numeric row value as a step
+    metric, tags (run_id, stages, git commit, model path, Ray job submission id) and, at the end, the
+    config, report and learning curves as artifacts. $MLFLOW_RUN_ID attaches to an existing run."""
+
+    def start(self, run: RunContext) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
+
+        self.run = run
+        cfg = run.cfg.tracking.mlflow
+        runs_folder = run.run_dir.resolve().parent  # <out_dir> for `vireo train`
+        uri = cfg.tracking_uri or default_tracking_uri(runs_folder)
+        self.client = MlflowClient(uri)
+        attach = os.environ.get("MLFLOW_RUN_ID") or (self._run_named(run.run_id) if run.resumed_rows is not None
+                                                      else None)
+        if attach:
+            self.run_uuid = self.client.get_run(attach).info.run_id
+            self.client.update_run(self.run_uuid, "RUNNING")
+        else:
+            name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run.cfg.name
+            local = uri.startswith("sqlite:///") and not cfg.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ
+            experiment = self._experiment(name, runs_folder / "mlartifacts" if local else None)
+            self.run_uuid = self.client.create_run(experiment, run_name=run.run_id).info.run_id
+        have = self.client.get_run(self.run_uuid).data.params
+        params = [Param(mlflow_key(k), v[:6000]) for k, v in flatten(asdict(run.cfg)).items()
+                  if mlflow_key(k) not in have]
+        job = ray_job_metadata()
+        tags = {"run_id": run.run_id, "stages": ",".join(s.name for s in run.cfg.stages), "git_commit": git_commit(),
+                "model_path": run.cfg.model.path, "ray_job_submission_id": job.get("job_submission_id", "")}
+        for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_uuid, params=params[i:i + 100],
+                                  tags=[RunTag(k, v) for k, v in tags.items() if v] if i == 0 else [])
+        run.log(f"[mlflow] run {self.run_uuid} (run_id {run.run_id}) at {uri}")
+
+    def _run_named(self, run_id: str) -> str | None:
+        """The MLflow run a resumed vireo run logged to before (tag run_id), in any experiment."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        found = self.client.search_runs(experiments, filter_string=f"tags.run_id = '{run_id}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def _experiment(self, name: str, artifacts: Path | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifacts.as_uri() if artifacts else None)
+        except MlflowException:  # another run created it meanwhile
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def log(self, step: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(mlflow_key(k), v, now, step) for k, v in numeric(metrics).items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_uuid, metrics=batch[i:i + 1000])
+
+    def close(self) -> None:
+        from services.runs import plot_runs
+
+        run_dir = self.run.run_dir
+        plot_runs(self.client, [self.run_uuid], run_dir / "curves.png")
+        for name in ("config.yaml", "report.json", "curves.png"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(self.run_uuid, str(run_dir / name))
+        self.client.set_terminated(self.run_uuid, "FINISHED")

@@ -14,7 +14,7 @@ from services.checkpoints import LATEST, STATE_FILE, CheckpointConfig, Checkpoin
 from services.config import ConfigError, load_config, resume_config, to_yaml
 from services.data.mix import MixSampler
 from services.data.problems import Problem
-from services.tracking import JsonlBackend, read_metrics
+from services.tracking import read_metrics, start_tracker
 
 
 def _save(store: CheckpointStore, name: str, step: int) -> None:
@@ -106,11 +106,12 @@ def test_sampler_state_round_trips_mid_epoch():
 
 def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    first = JsonlBackend(path)
+    cfg = load_config(None, ["tracking.backends=[jsonl]"])
+    first = start_tracker(cfg, tmp_path, log=lambda *_: None)
     for step in range(1, 6):
         first.log(step, {"x": float(step)})
     first.close()
-    again = JsonlBackend(path, keep_rows=3)
+    again = start_tracker(cfg, tmp_path, log=lambda *_: None, resumed_rows=3).jsonl
     again.log(4, {"x": 40.0})
     again.close()
     assert [(r["step"], r["x"]) for r in read_metrics(path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

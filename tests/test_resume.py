@@ -30,7 +30,7 @@ class KillsLearnerRank(Controller):
     """Learner rank 1 dies (ray.kill, as a lost node) as the step after KILL_AFTER_STEP trains."""
 
     def train(self, samples):
-        if self.jsonl.rows and read_metrics(self.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
+        if self.tracker.jsonl.rows and read_metrics(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
             ray.kill(self.learners.actors[1])
         return super().train(samples)
 

@@ -1,0 +1,142 @@
+"""deploy/kuberay against KubeRay's CRD schema (strictly: an unknown field is an error, as kubeconform's
+strict mode), and configs/r1v3_38b.yaml against the GPUs and memory the manifest gives it."""
+from __future__ import annotations
+
+import copy
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from services.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CRDS = ROOT.parent / "shared" / "fixtures" / "kuberay"
+MANIFEST = ROOT / "deploy" / "kuberay" / "rayjob-r1v3-38b.yaml"
+GiB = 1024**3
+
+# InternVL3-38B (InternViT-6B + Qwen2.5-32B) and the GPUs the manifest's nodes carry.
+PARAMS = 38.4e9
+LLM_LAYERS, KV_HEADS, HEAD_DIM = 64, 8, 128
+GPU_BYTES = 80e9
+BF16 = 2
+ZERO3_BYTES_PER_PARAM = 16  # bf16 weights + bf16 grads + fp32 master weights + two fp32 Adam moments
+ACTIVATION_BYTES = 8e9      # learner activations at micro batch 2 (with gradient checkpointing off)
+ENGINE_WORKSPACE = 4e9      # vLLM's activations, CUDA graphs and the vision encoder's peak
+MIN_CONCURRENT_SEQUENCES = 8
+PROMPT_TOKENS = 4096        # the prompt's share of the context (text + image tokens)
+
+
+def strict(schema):
+    """additionalProperties: false on every object that declares properties (unless the CRD keeps unknown
+    fields on purpose)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayjob_schema():
+    crd = yaml.safe_load((CRDS / "ray.io_rayjobs.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict(v1["schema"]["openAPIV3Schema"])
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return yaml.safe_load(MANIFEST.read_text())
+
+
+def test_rayjob_manifest_validates_strictly(rayjob_schema, manifest):
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayJob")
+    jsonschema.validate(manifest, rayjob_schema)
+    typo = copy.deepcopy(manifest)
+    typo["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="'replica' was unexpected"):
+        jsonschema.validate(typo, rayjob_schema)
+
+
+def _gpus(group) -> int:
+    (container,) = group["template"]["spec"]["containers"]
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def _resources(group) -> dict:
+    (container,) = group["template"]["spec"]["containers"]
+    return container["resources"]["limits"]
+
+
+def _memory(quantity: str) -> float:
+    assert quantity.endswith("Gi")
+    return float(quantity[:-2]) * GiB
+
+
+def test_r1v3_38b_adds_up_on_the_manifests_cluster(manifest):
+    cfg = load_config(str(ROOT / "configs" / "r1v3_38b.yaml"))
+    engine, rollout, learner = cfg.rollout.engine, cfg.rollout, cfg.learner
+    groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+
+    # GPUs: an engine's tensor-parallel GPUs are its actor's, on one node; every GPU is used.
+    assert rollout.num_gpus_per_actor == engine.tensor_parallel_size == 2
+    assert all(_gpus(g) % engine.tensor_parallel_size == 0 for g in groups.values())
+    needed = rollout.num_actors * engine.tensor_parallel_size + learner.num_ranks * learner.num_gpus_per_rank
+    assert needed == sum(g["replicas"] * _gpus(g) for g in groups.values()) == 24
+    assert groups["rollout"]["replicas"] * _gpus(groups["rollout"]) == rollout.num_actors * engine.tensor_parallel_size
+    assert groups["learner"]["replicas"] * _gpus(groups["learner"]) == learner.num_ranks * learner.num_gpus_per_rank
+
+    # Rollout GPU: its share of the bf16 weights + KV cache for MIN_CONCURRENT_SEQUENCES full contexts.
+    assert engine.dtype == "bfloat16"
+    kv_per_token = 2 * LLM_LAYERS * KV_HEADS * HEAD_DIM * BF16 / engine.tensor_parallel_size
+    weights = PARAMS * BF16 / engine.tensor_parallel_size
+    kv = MIN_CONCURRENT_SEQUENCES * engine.max_model_len * kv_per_token
+    assert weights + kv + ENGINE_WORKSPACE <= engine.gpu_memory_utilization * GPU_BYTES
+    budgets = [cfg.evaluation.max_tokens] + [max([s.sampling.max_tokens, *s.sampling.max_tokens_schedule.values()])
+                                             for s in cfg.stages if s.kind == "grpo"]
+    assert engine.max_model_len >= max(budgets) + PROMPT_TOKENS
+
+    # Learner GPU: ZeRO-3 shards weights, gradients and optimiser states over the ranks.
+    assert (learner.optim.zero_stage, learner.optim.dtype) == (3, "bfloat16")
+    assert ZERO3_BYTES_PER_PARAM * PARAMS / learner.num_ranks + ACTIVATION_BYTES <= 0.9 * GPU_BYTES
+
+    # CPUs and host memory per node (each learner rank reads the full bf16 checkpoint before sharding).
+    ranks_per_node = _gpus(groups["learner"]) // learner.num_gpus_per_rank
+    engines_per_node = _gpus(groups["rollout"]) // engine.tensor_parallel_size
+    assert float(_resources(groups["learner"])["cpu"]) >= ranks_per_node * learner.num_cpus_per_rank
+    assert float(_resources(groups["rollout"])["cpu"]) >= engines_per_node * rollout.num_cpus_per_actor
+    assert _memory(_resources(groups["learner"])["memory"]) >= ranks_per_node * PARAMS * BF16
+    assert _memory(_resources(groups["rollout"])["memory"]) >= engines_per_node * PARAMS * BF16
+
+
+def test_manifest_runs_the_config_with_the_deploy_runtime_env_and_is_scraped(manifest):
+    spec = manifest["spec"]
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:5] == ["python", "-m", "services.cli", "train", "configs/r1v3_38b.yaml"]
+    assert f"tracking.run_id={spec['metadata']['run_id']}" in argv
+    assert spec["shutdownAfterJobFinishes"] is True
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    deploy_env = yaml.safe_load((ROOT / "deploy" / "runtime_env.yaml").read_text())
+    assert {k: v for k, v in runtime_env.items() if k != "working_dir"} == deploy_env
+
+    cfg = load_config(str(ROOT / "configs" / "r1v3_38b.yaml"))
+    assert "prometheus" in cfg.tracking.backends and cfg.tracking.prometheus.host == "0.0.0.0"
+    (head,) = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    head_ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert head_ports["vireo-metrics"] == cfg.tracking.prometheus.port
+    monitor = yaml.safe_load((ROOT / "deploy" / "kuberay" / "podmonitor.yaml").read_text())
+    assert monitor["kind"] == "PodMonitor"
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]] + spec["rayClusterSpec"]["workerGroupSpecs"]
+    for group in pods:  # every pod is selected and exposes Ray's metrics port
+        labels = group["template"]["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        (container,) = group["template"]["spec"]["containers"]
+        assert {"name": "metrics", "containerPort": int(group["rayStartParams"]["metrics-export-port"])} \
+            in container["ports"]
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "vireo-metrics"}

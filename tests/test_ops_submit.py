@@ -1,0 +1,111 @@
+"""The way users run vireo on a cluster: a real Ray head on loopback (own temp dir and ports, token auth
+set explicitly), deploy/submit.sh -> `ray job submit` of a shortened demo, then the job's MLflow run and
+Ray job metadata carry its run_id. The head is stopped by the process group this test started (never
+`ray stop`, which kills every Ray on the machine by name)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+from actors.learner_actor import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SHORT_DEMO = ["data.n_train=64", "data.n_heldout=16", "rollout.num_actors=1", "learner.num_ranks=1",
+              "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "reward.workers=1",
+              "stages=[{name: grpo, kind: grpo, batch_size: 4, sampling: {n: 4, max_tokens: 12}, "
+              "algo: {drop_uniform_groups: false}, end: {max_steps: 3}}]"]
+
+
+def _dashboard_up(address: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=5)
+    except urllib.error.HTTPError:  # answered (e.g. 401 without the token): it is up
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _stop_group(head: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group `ray start --block` leads (GCS, raylet, agents, workers,
+    the job's driver): only what this test started."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                os.killpg(head.pid, 0)
+            except ProcessLookupError:
+                head.wait()
+                return
+            time.sleep(1)
+
+
+def test_ray_job_submit_runs_a_short_demo_into_mlflow(tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ports = {name: free_port() for name in ("port", "dashboard-port", "metrics-export-port", "ray-client-server-port",
+                                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env.get('PATH', '')}")
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
+    run_id = f"submit-{secrets.token_hex(3)}"
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = tmp_path / "runtime_env.yaml"  # deploy/runtime_env.yaml without the CUDA pip set
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {
+        **yaml.safe_load((ROOT / "deploy" / "runtime_env.yaml").read_text())["env_vars"],
+        "MLFLOW_TRACKING_URI": tracking_uri}}))
+    with (tmp_path / "head.log").open("w") as log:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+             "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())],
+            env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not _dashboard_up(address):
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.time() < deadline, "the Ray head's dashboard did not come up in 600 s"
+            time.sleep(2)
+        submit = subprocess.run(
+            [str(ROOT / "deploy" / "submit.sh"), address, "configs/demo.yaml", *SHORT_DEMO, f"out_dir={tmp_path / 'runs'}"],
+            env={**env, "RUN_ID": run_id, "RUNTIME_ENV": str(runtime_env), "RAY": str(BIN / "ray"),
+                 "PYTHON": sys.executable},
+            capture_output=True, text=True, timeout=1800)
+        assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]
+        assert f"Job '{run_id}' succeeded" in submit.stdout + submit.stderr
+
+        metadata = subprocess.run(
+            [sys.executable, "-c", "import json, sys; from ray.job_submission import JobSubmissionClient; "
+             "print(json.dumps(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]).metadata))",
+             address, run_id], env=env, capture_output=True, text=True, timeout=120, check=True)
+        assert json.loads(metadata.stdout.strip().splitlines()[-1])["run_id"] == run_id
+    finally:
+        _stop_group(head)
+
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
+                                filter_string=f"tags.run_id = '{run_id}'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ray_job_submission_id"] == run_id and run.data.tags["stages"] == "grpo"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == commit  # travelled as VIREO_GIT_COMMIT (working_dir has no .git)
+    for key in ("reward/mean", "reward/accuracy", "actor/entropy", "timing_s/gen", "sync/version"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    assert run.data.params["stages/grpo/end/max_steps"] == "3"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "report.json", "curves.png"}

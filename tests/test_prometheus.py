@@ -1,0 +1,170 @@
+"""A real Prometheus (Debian's package) scrapes a short GRPO run: the controller's endpoint and Ray's
+metrics agent (the rollout actors' series). Every query of every Grafana panel must return a series, the
+panel expressions and alert rules must pass `promtool check rules`, vireo's exposition `promtool check
+metrics`, and the shipped scrape config `promtool check config`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+
+from actors.learner_actor import free_port
+from services.config import load_config
+from services.controller import Controller
+from services.tracking import PrometheusBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vireo.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+TOOLS = ("prometheus", "promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_tools() -> dict[str, str]:
+    """Debian's prometheus and promtool, installed with apt-get when missing (CI is a fresh root Debian)."""
+    if not all(shutil.which(t) for t in TOOLS):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.fail("needs Debian's `prometheus` package (apt-get install prometheus, as root)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"], check=True,
+                       env=env, capture_output=True)
+    return {t: shutil.which(t) for t in TOOLS}
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(f"{p['title']} / {t['refId']}", t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+
+
+def as_grafana_sends(expr: str, run_id: str, rate_interval: str) -> str:
+    return expr.replace("$__rate_interval", rate_interval).replace("$run_id", run_id)
+
+
+def api(base: str, path: str, **params) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_promtool_accepts_panels_alerts_and_scrape_config(prometheus_tools, tmp_path):
+    rules = {"groups": [{"name": "panels", "rules": [
+        {"record": f"vireo:panel_{i}", "expr": as_grafana_sends(expr, "some-run", "1m")}
+        for i, (_, expr) in enumerate(panel_queries())]}]}
+    (tmp_path / "panels.yml").write_text(yaml.safe_dump(rules))
+    check = subprocess.run([prometheus_tools["promtool"], "check", "rules", str(tmp_path / "panels.yml"), str(ALERTS)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(rules['groups'][0]['rules'])} rules found" in check.stdout
+    assert "SUCCESS: 4 rules found" in check.stdout
+    config = subprocess.run([prometheus_tools["promtool"], "check", "config",
+                             str(ROOT / "deploy" / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def _training_data(tiny_data_dir, out: Path) -> Path:
+    """The tiny training set plus one row without an answer (counted as skipped, never a crash)."""
+    out.mkdir()
+    table = pq.read_table(tiny_data_dir / "train.parquet")
+    pq.write_table(table, out / "train.parquet")
+    bad = table.slice(0, 1).to_pylist()
+    bad[0].update(id="no-answer", answer="")
+    pq.write_table(type(table).from_pylist(bad, schema=table.schema), out / "bad.parquet")
+    return out
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_session, tiny_model_dir,
+                                                         tiny_data_dir, tmp_path):
+    vireo_port, prom_port = free_port(), free_port()
+    (node,) = [n for n in ray.nodes() if n["Alive"]]
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(ALERTS)],
+              "scrape_configs": [
+                  {"job_name": "vireo", "static_configs": [{"targets": [f"127.0.0.1:{vireo_port}"]}]},
+                  {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{node['MetricsExportPort']}"]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{prom_port}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    controller = None
+    try:
+        _wait(lambda: _ready(base), 120, "Prometheus to start")
+        cfg = load_config(None, [
+            f"model.path={tiny_model_dir('internvl')}", f"data.train={_training_data(tiny_data_dir, tmp_path / 'data')}",
+            f"data.heldout={tiny_data_dir / 'heldout.parquet'}", "rollout.num_actors=1", "learner.num_ranks=1",
+            "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "evaluation.limit=8", "reward.workers=1",
+            "stages=[{name: grpo, kind: grpo, batch_size: 4, sampling: {n: 4, max_tokens: 12}, "
+            "algo: {drop_uniform_groups: false}, end: {max_steps: 4}, eval_every: 2}]",
+            "tracking.backends=[jsonl,prometheus]", f"tracking.prometheus.port={vireo_port}"])
+        start = time.time()
+        controller = Controller(cfg, tmp_path / "prom-run", log=lambda *_: None)
+        controller.run()
+        run_id = "prom-run"
+
+        def query(expr: str) -> list[dict]:
+            return api(base, "/api/v1/query_range", query=as_grafana_sends(expr, run_id, "30s"),
+                       start=start, end=time.time(), step="1s")["data"]["result"]
+
+        # the rollout actor's series travel through Ray's metrics agent on its own schedule
+        _wait(lambda: query(f'ray_vireo_rollout_generated_tokens_total{{run_id="{run_id}"}}'), 120,
+              "the rollout actor's series from Ray's metrics agent")
+        empty = [name for name, expr in panel_queries() if not query(expr)]
+        assert not empty, f"dashboard queries without data: {empty}"
+
+        def last(expr: str) -> dict[str, float]:
+            return {json.dumps(s["metric"], sort_keys=True): float(s["values"][-1][1]) for s in query(expr)}
+
+        assert list(last('max by (run_id) (vireo_step{run_id="prom-run"})').values()) == [4.0]
+        assert list(last('max by (run_id) (vireo_rollout_actors_alive{run_id="prom-run"})').values()) == [1.0]
+        assert last('sum by (reason) (vireo_samples_skipped_total{run_id="prom-run"})') == {
+            '{"reason": "train/missing_answer"}': 1.0}
+        assert list(last('max by (run_id) (vireo_weights_version{run_id="prom-run"})').values()) == [4.0]
+        phases = last('sum by (phase) (vireo_step_duration_seconds_count{run_id="prom-run"})')
+        assert {json.loads(k)["phase"]: v for k, v in phases.items()} == {p: 4.0 for p in (
+            "gen", "reward", "train", "sync", "step")}
+        rules = api(base, "/api/v1/rules")["data"]["groups"]
+        assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == {
+            "VireoRunStuck": "ok", "VireoRewardCollapse": "ok", "VireoEntropyCollapse": "ok",
+            "VireoRolloutActorsDown": "ok"}
+
+        (backend,) = [b for b in controller.tracker.backends if isinstance(b, PrometheusBackend)]
+        from prometheus_client import generate_latest
+
+        lint = subprocess.run([prometheus_tools["promtool"], "check", "metrics"],
+                              input=generate_latest(backend.registry), capture_output=True)
+        assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        if controller is not None and hasattr(controller, "rollouts"):
+            for actor in controller.rollouts + controller.learners.actors + [controller.reward]:
+                ray.kill(actor)
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/-/ready", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
