@@ -371,6 +371,8 @@ def validate(cfg: RunConfig) -> None:
         (not cfg.tracking.run_id or "/" not in cfg.tracking.run_id, "tracking.run_id must not contain '/'"),
     ]
     checks += [one_of(name, TRACKER_BACKENDS, "tracking.backends") for name in cfg.tracking.backends]
+    checks.append(("jsonl" in cfg.tracking.backends,
+                   "tracking.backends must include jsonl: checkpoint selection and resume read metrics.jsonl"))
     for i, stage in enumerate(cfg.stages):
         key = f"stages.{i} ({stage.name})"
         checks += [
