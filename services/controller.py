@@ -67,12 +67,13 @@ class StagePlan:
 
 
 def start_local_ray(attempts: int = 3, **options) -> None:
-    """ray.init for a one-machine run. On a loaded machine Ray's node start-up can time out while its
-    agents import ("The current node timed out during startup"); that is retried, not fatal."""
+    """ray.init for a one-machine run: always a new local instance (address None would join whatever head
+    /tmp/ray/ray_current_cluster names, e.g. someone's `ray start`). On a loaded machine Ray's node start-up
+    can time out while its agents import ("The current node timed out during startup"); that is retried."""
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(include_dashboard=False, **options)
+            ray.init(address="local", include_dashboard=False, **options)  # never another user's `ray start` head
             return
         except Exception as exc:  # Ray raises a bare Exception for a start-up timeout
             if "timed out during startup" not in str(exc) or attempt == attempts:
