@@ -21,15 +21,17 @@ REAPER_POLL_S = 1.0
 
 
 def start_local_ray(attempts: int = 3, **options) -> str:
-    """ray.init for a one-machine run; returns Ray's temporary directory. On a loaded machine Ray's node
-    start-up can time out while its agents import ("The current node timed out during startup"); that is
-    retried, not fatal."""
+    """ray.init for a one-machine run; returns Ray's temporary directory. Always a new local instance
+    (address None would join whatever head /tmp/ray/ray_current_cluster names, e.g. someone's `ray start`).
+    On a loaded machine Ray's node start-up can time out while its agents import ("The current node timed
+    out during startup"); that is retried, not fatal."""
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     temp_dir = tempfile.mkdtemp(prefix="vireo-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     start_reaper(os.getpid(), temp_dir)
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir, **options)
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
+                     **options)
             return temp_dir
         except Exception as exc:  # Ray raises a bare Exception for a start-up timeout
             if "timed out during startup" not in str(exc) or attempt == attempts:

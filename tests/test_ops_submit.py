@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,10 @@ def test_ray_job_submit_runs_a_short_demo_into_mlflow(tmp_path):
                                              "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "runtime-env-agent-port", "node-manager-port", "object-manager-port")}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env.get('PATH', '')}")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{BIN}:{env.get('PATH', '')}",
+               # a loaded machine (CI, shared boxes) can take minutes to start the head's processes
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S="600", RAY_raylet_start_wait_time_s="600",
+               RAY_agent_register_timeout_ms="600000")
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     run_id = f"submit-{secrets.token_hex(3)}"
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -77,10 +81,10 @@ def test_ray_job_submit_runs_a_short_demo_into_mlflow(tmp_path):
              "--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", *(f"--{k}={v}" for k, v in ports.items())],
             env=env, stdout=log, stderr=log, start_new_session=True)
     try:
-        deadline = time.time() + 600
-        while not _dashboard_up(address):
+        deadline = time.time() + 900
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text() or not _dashboard_up(address):
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            assert time.time() < deadline, "the Ray head's dashboard did not come up in 600 s"
+            assert time.time() < deadline, "the Ray head did not start in 900 s"
             time.sleep(2)
         submit = subprocess.run(
             [str(ROOT / "deploy" / "submit.sh"), address, "configs/demo.yaml", *SHORT_DEMO, f"out_dir={tmp_path / 'runs'}"],
@@ -97,6 +101,7 @@ def test_ray_job_submit_runs_a_short_demo_into_mlflow(tmp_path):
         assert json.loads(metadata.stdout.strip().splitlines()[-1])["run_id"] == run_id
     finally:
         _stop_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id],
