@@ -79,8 +79,9 @@ def test_random_reward_is_a_seeded_bernoulli_with_the_rule_mean():
         real = rule.score_batch(requests)
     with RewardScorer(RewardConfig(workers=1, kind="random", seed=3)) as control:
         fake = control.score_batch(requests)
-    with RewardScorer(RewardConfig(workers=1, kind="random", seed=3)) as again:
+    with RewardScorer(RewardConfig(workers=1, kind="random", seed=3)) as again:  # a restarted actor, a resumed run
         assert [r.score for r in again.score_batch(requests)] == [r.score for r in fake]
+        assert [r.score for r in again.score_batch(requests, draw=1)] != [r.score for r in fake]  # the next step
     real_mean = sum(r.score for r in real) / 400  # 0.25·1.0 + 0.75·0.2 = 0.4
     assert abs(real_mean - 0.4) < 1e-9 and {r.score for r in fake} == {0.0, 1.0}
     assert abs(sum(r.score for r in fake) / 400 - real_mean) < 0.08
