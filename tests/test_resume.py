@@ -27,12 +27,13 @@ TIMING = ("timing_s/", "perf/")
 
 
 class KillsLearnerRank(Controller):
-    """Learner rank 1 dies (ray.kill, as a lost node) as the step after KILL_AFTER_STEP trains."""
+    """Learner rank 1 dies (ray.kill, as a lost node) as the step after KILL_AFTER_STEP starts; the run notices
+    at its next learner call (the update, or the stage end's evaluation when every group was uniform)."""
 
-    def train(self, samples):
-        if self.tracker.jsonl.rows and read_metrics(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
+    def generate(self, problems, sampling):
+        if sampling.n > 1 and read_metrics(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
             ray.kill(self.learners.actors[1])
-        return super().train(samples)
+        return super().generate(problems, sampling)
 
 
 def _run(cls, cfg, run_dir) -> dict:
