@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 
 import pytest
 import ray
@@ -52,21 +51,19 @@ def _comparable(rows: list[dict]) -> list[dict]:
 def straight_and_resumed(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     straight = _run(Controller, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "straight")
-    started = time.monotonic()
     with pytest.raises(RunStopped) as stopped:
         _run(KillsLearnerRank, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "killed")
-    failed_after = time.monotonic() - started
     shutil.copytree(tmp / "killed", tmp / "killed-copy")
     resumed = _run(Controller, resume_config(tmp / "killed" / "config.yaml"), tmp / "killed")
-    return tmp, straight, resumed, stopped.value, failed_after
+    return tmp, straight, resumed, stopped.value
 
 
 def test_a_lost_learner_rank_fails_fast_naming_it_and_the_checkpoint(straight_and_resumed):
-    tmp, _, _, stopped, failed_after = straight_and_resumed
+    tmp, _, _, stopped = straight_and_resumed
     assert stopped.code == 1 and "learner rank 1 died" in str(stopped)
     assert f"last good checkpoint is {tmp / 'killed' / 'checkpoints' / 'grpo-step8'}" in str(stopped)
     assert f"resume with: vireo train run_dir={tmp / 'killed'}" in str(stopped)
-    assert failed_after < load_config().faults.learner_timeout_s  # it did not wait for a deadline
+    assert "gave no answer" not in str(stopped)  # found dead at once, not by waiting out a deadline
 
 
 def test_killed_and_resumed_equals_straight(straight_and_resumed):
