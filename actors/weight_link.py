@@ -1,9 +1,14 @@
 """The control plane of weight sync over Ray: how the learner's rank 0 reaches the rollout actors
-(rollout/weight_transport.py `EngineLink`). Data moves through the transport; this only starts calls
-and, for the object-store transport, puts buckets."""
+(rollout/weight_transport.py `EngineLink`). Data moves through the transport; this only starts calls,
+puts buckets for the object-store transport and passes bucket references (or CUDA IPC handles) on to
+the engines as they are put."""
 from __future__ import annotations
 
 import ray
+
+from rollout.weight_transport import BucketLog, LogReader
+
+_RemoteLog = ray.remote(num_cpus=0)(BucketLog)
 
 
 class RayPending:
@@ -12,6 +17,32 @@ class RayPending:
 
     def wait(self) -> list:
         return ray.get(self._refs)
+
+
+class RayStream:
+    """A weight Stream through a BucketLog actor of its own, created once per set of engines (the
+    transport keeps it) and ended with its last handle. Threaded: every waiting engine holds a call."""
+
+    def __init__(self, engines: int):
+        self.log = _RemoteLog.options(max_concurrency=engines + 4).remote()
+
+    def put(self, version: int, index: int, item) -> None:
+        self.log.put.remote(version, index, [item])  # in a list, a reference is passed on, not fetched
+
+    def reader(self, version: int) -> LogReader:
+        return LogReader(_RemoteFetch(self.log), version)
+
+    def clear(self, version: int) -> None:
+        self.log.clear.remote(version)
+
+
+class _RemoteFetch:
+    def __init__(self, log):
+        self.log = log
+
+    def __call__(self, version: int, index: int):
+        ref = self.log.get.remote(version, index)
+        return lambda: ray.get(ref)[0]
 
 
 class RayEngineLink:
@@ -23,6 +54,9 @@ class RayEngineLink:
 
     def put(self, obj):
         return ray.put(obj)
+
+    def stream(self) -> RayStream:
+        return RayStream(len(self.actors))
 
     def connect(self, transport: str, bucket_bytes: int, args_per_engine: list[dict]) -> RayPending:
         return RayPending([a.connect_weights.remote(transport, bucket_bytes, args)

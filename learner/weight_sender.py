@@ -30,8 +30,11 @@ class SyncReport:
 
 
 class WeightSender:
-    def __init__(self, transport: WeightTransport, rank: int):
-        self.transport, self.rank = transport, rank
+    """`stable`: the tensors `named_weights` yields stay valid for the whole sync (not ZeRO-3 gathers),
+    so the transport may hold them instead of copying each as it arrives."""
+
+    def __init__(self, transport: WeightTransport, rank: int, stable: bool = False):
+        self.transport, self.rank, self.stable = transport, rank, stable
         self._trainable_at_last_sync: frozenset[str] = frozenset()
 
     def groups_to_send(self, trainable: Collection[str]) -> tuple[str, ...]:
@@ -61,7 +64,7 @@ class WeightSender:
             if link is None:
                 raise ValueError("rank 0 needs the engine link to send weights")
             self.transport.connect_sender(link)
-            reported = self.transport.send(version, counted, link)
+            reported = self.transport.send(version, counted, link, stable=self.stable)
             if any(v != version for v in reported):
                 raise RuntimeError(f"weight sync incomplete: sent version {version}, engines report {reported}")
         else:

@@ -346,7 +346,7 @@ class LearnerWorker:
     @cached_property
     def weight_sender(self) -> WeightSender:
         transport = make_transport(self.cfg.weight_transport, int(self.cfg.weight_bucket_mb * 2**20))
-        return WeightSender(transport, self.rank)
+        return WeightSender(transport, self.rank, stable=self.cfg.zero_stage != 3)  # ZeRO-3 gathers are transient
 
     def sync_weights(self, link: EngineLink | None, everything: bool = False) -> SyncReport:
         """Send the groups that can have changed (every group when `everything`) as the next version (all

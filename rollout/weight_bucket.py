@@ -1,9 +1,12 @@
-"""The wire format of a weight update, shared by every transport: size-bounded buckets, each one flat
-byte buffer plus metadata (version, bucket index, and per tensor its name, dtype, shape and offset).
+"""The wire format of a weight update, shared by every transport: size-bounded buckets of tensors plus
+metadata (version, bucket index, and per tensor its name, dtype, shape and offset in the bucket).
 
-The learner packs (send side) and the engine unpacks views over the buffer (receive side). The metadata
-is JSON so that a transport can carry it in-band (NCCL broadcasts it as bytes) without unpickling data
-from the wire. Offsets are aligned so every view has a valid address for its dtype.
+A bucket travels either packed, one flat byte buffer (`pack_stream`: NCCL and CUDA IPC move one buffer
+per bucket), or held, one byte buffer per tensor (`hold_stream`: the object store copies every buffer
+into shared memory anyway, so packing first would copy every byte twice); the layout and metadata are
+the same. The engine unpacks views (receive side). The metadata is JSON so that a transport can carry it
+in-band (NCCL broadcasts it as bytes) without unpickling data from the wire. Offsets are aligned so every
+view has a valid address for its dtype.
 """
 from __future__ import annotations
 
@@ -60,35 +63,76 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int,
-                device: torch.device | str = "cpu", reuse_buffer: bool = True) -> Iterator[tuple[BucketMeta, torch.Tensor]]:
-    """Copy tensors into buckets of at most bucket_bytes (a bigger tensor travels alone) as they arrive,
-    so a ZeRO-3 parameter is copied while it is gathered and never cloned. With reuse_buffer the yielded
-    buffer is overwritten by the next bucket: the consumer must be done with it before asking for more."""
+def _placed(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+            ) -> Iterator[tuple[bool, str, torch.Tensor, int]]:
+    """The one bucket layout every transport follows: (starts a new bucket, name, tensor, offset) in order.
+    A bucket holds at most bucket_bytes (a bigger tensor travels alone); offsets are aligned."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    buffer: torch.Tensor | None = None
-    metas: list[TensorMeta] = []
-    end = index = 0
+    end, first = 0, True
     for name, tensor in named_tensors:
         nbytes = tensor.numel() * tensor.element_size()
         start = _align(end)
-        if metas and start + nbytes > bucket_bytes:
+        new = not first and start + nbytes > bucket_bytes
+        if new:
+            start = 0
+        yield new, name, tensor, start
+        end, first = start + nbytes, False
+
+
+def _tensor_meta(name: str, tensor: torch.Tensor, offset: int) -> TensorMeta:
+    return TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset)
+
+
+def pack_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int,
+                device: torch.device | str = "cpu", reuse_buffer: bool = True) -> Iterator[tuple[BucketMeta, torch.Tensor]]:
+    """Copy tensors into one flat buffer per bucket as they arrive, so a ZeRO-3 parameter is copied while it
+    is gathered and never cloned. With reuse_buffer the yielded buffer is overwritten by the next bucket:
+    the consumer must be done with it before asking for more."""
+    buffer: torch.Tensor | None = None
+    metas: list[TensorMeta] = []
+    end = index = 0
+    for new, name, tensor, start in _placed(named_tensors, bucket_bytes):
+        nbytes = tensor.numel() * tensor.element_size()
+        if new:
             yield BucketMeta(version, index, tuple(metas), end), buffer[:end]
-            metas, start, index = [], 0, index + 1
+            metas, index = [], index + 1
             if not reuse_buffer:
                 buffer = None
         if buffer is None or buffer.numel() < start + nbytes:
             buffer = torch.empty(max(bucket_bytes, nbytes), dtype=torch.uint8, device=device)
         buffer[start:start + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-        metas.append(TensorMeta(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), start))
+        metas.append(_tensor_meta(name, tensor, start))
         end = start + nbytes
     if metas:
         yield BucketMeta(version, index, tuple(metas), end), buffer[:end]
 
 
+def hold_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int,
+                copy: bool) -> Iterator[tuple[BucketMeta, list[torch.Tensor]]]:
+    """The same buckets without a flat buffer: each tensor's bytes as a uint8 host tensor of its own, for a
+    transport whose store copies them anyway (one copy fewer than packing). `copy` takes a private copy of
+    each tensor as it arrives: needed when a tensor is valid only until the next is requested (ZeRO-3);
+    without it, host tensors are held as they are (valid for the whole send)."""
+    metas: list[TensorMeta] = []
+    parts: list[torch.Tensor] = []
+    end = index = 0
+    for new, name, tensor, start in _placed(named_tensors, bucket_bytes):
+        if new:
+            yield BucketMeta(version, index, tuple(metas), end), parts
+            metas, parts, index = [], [], index + 1
+        flat = tensor.detach().reshape(-1)
+        if copy or flat.device.type != "cpu":
+            flat = flat.to("cpu", copy=True)
+        parts.append(flat.view(torch.uint8))
+        metas.append(_tensor_meta(name, tensor, start))
+        end = start + parts[-1].numel()
+    if metas:
+        yield BucketMeta(version, index, tuple(metas), end), parts
+
+
 def unpack(meta: BucketMeta, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) views over the bucket's buffer (no copy)."""
+    """Yield (name, tensor) views over a packed bucket's buffer (no copy)."""
     if buffer.numel() != meta.nbytes or buffer.dtype != torch.uint8:
         raise ValueError(f"corrupt weight bucket {meta.index}: metadata says {meta.nbytes} bytes, "
                          f"buffer has {buffer.numel()} of {buffer.dtype}")
@@ -96,4 +140,16 @@ def unpack(meta: BucketMeta, buffer: torch.Tensor) -> Iterator[tuple[str, torch.
         if t.offset % ALIGN or t.offset + t.nbytes > meta.nbytes:
             raise ValueError(f"corrupt weight bucket {meta.index}: {t.name} at {t.offset}+{t.nbytes} "
                              f"does not fit {meta.nbytes} bytes")
-        yield t.name, buffer[t.offset:t.offset + t.nbytes].view(_dtype(t.dtype)).view(t.shape)
+    yield from unpack_parts(meta, [buffer[t.offset:t.offset + t.nbytes] for t in meta.tensors])
+
+
+def unpack_parts(meta: BucketMeta, parts: list[torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) views over a held bucket's byte tensors, one per tensor (no copy)."""
+    if len(parts) != len(meta.tensors):
+        raise ValueError(f"corrupt weight bucket {meta.index}: {len(meta.tensors)} tensors in the metadata, "
+                         f"{len(parts)} buffers")
+    for t, part in zip(meta.tensors, parts):
+        if part.dtype != torch.uint8 or part.numel() != t.nbytes:
+            raise ValueError(f"corrupt weight bucket {meta.index}: {t.name} needs {t.nbytes} bytes, "
+                             f"its buffer has {part.numel()} of {part.dtype}")
+        yield t.name, part.view(_dtype(t.dtype)).view(t.shape)

@@ -3,18 +3,21 @@
 A `WeightTransport` has two ends. The learner's rank 0 calls `connect_sender(link)` once and
 `send(version, named_tensors, link)` per sync; inside each engine worker `connect_receiver(...)` runs
 once and `receive(version, payload)` yields (name, tensor) pairs that vLLM consumes in one reload pass.
-The `EngineLink` is the control plane (Ray on a cluster): it starts the engines' receive calls and,
-for the object store, holds the bytes. The data plane differs per transport; the wire format
-(`rollout/weight_bucket.py`) is the same for all. Following NeMo-RL's `weight_sync` split (pure data
+The `EngineLink` is the control plane (Ray on a cluster): it starts the engines' receive calls, hands
+them each bucket's reference (or CUDA IPC handle) through a `Stream` as soon as it is ready, so that
+the engines copy bucket k while the learner prepares bucket k+1, and, for the object store, holds the
+bytes. The data plane differs per transport; the bucket layout (`rollout/weight_bucket.py`) is the
+same for all. Following NeMo-RL's `weight_sync` split (pure data
 movers behind one interface) and verl's `checkpoint_engine` registry.
 """
 from __future__ import annotations
 
 import copy
 import socket
+import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -23,11 +26,22 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from rollout.weight_bucket import BucketMeta, pack_stream, unpack
+from rollout.weight_bucket import BucketMeta, hold_stream, pack_stream, unpack, unpack_parts
 
 
 class Pending(Protocol):
     def wait(self) -> list[int]: ...
+
+
+class Stream(Protocol):
+    """Items of an update by index, pushed by the learner while the engines read them: an engine's
+    receive call starts at once and works on bucket k while the learner prepares bucket k+1."""
+
+    def put(self, version: int, index: int, item: Any) -> None: ...
+
+    def reader(self, version: int) -> Iterable: ...
+
+    def clear(self, version: int) -> None: ...
 
 
 class EngineLink(Protocol):
@@ -40,9 +54,63 @@ class EngineLink(Protocol):
 
     def put(self, obj: Any) -> Any: ...
 
+    def stream(self) -> Stream: ...
+
     def connect(self, transport: str, bucket_bytes: int, args_per_engine: list[dict]) -> Pending: ...
 
-    def receive(self, version: int, payload: list) -> Pending: ...
+    def receive(self, version: int, payload: Iterable) -> Pending: ...
+
+
+class BucketLog:
+    """A Stream's store: items keyed by (version, index); `get` blocks until its item is there. Thread-safe,
+    so the same class serves in-process and as a threaded Ray actor between the learner and the engines
+    (whose calls may run out of order: hence an index per item rather than a queue)."""
+
+    def __init__(self):
+        self._items: dict[tuple[int, int], Any] = {}
+        self._changed = threading.Condition()
+
+    def put(self, version: int, index: int, item: Any) -> None:
+        with self._changed:
+            self._items[version, index] = item
+            self._changed.notify_all()
+
+    def get(self, version: int, index: int) -> Any:
+        with self._changed:
+            self._changed.wait_for(lambda: (version, index) in self._items)
+            return self._items[version, index]
+
+    def clear(self, version: int) -> None:
+        with self._changed:
+            for key in [k for k in self._items if k[0] == version]:
+                del self._items[key]
+
+    def reader(self, version: int) -> LogReader:
+        return LogReader(self.fetch, version)
+
+    def fetch(self, version: int, index: int) -> Callable[[], Any]:
+        return partial(self.get, version, index)
+
+
+class LogReader:
+    """What an engine iterates: a stream's items from index 0 up to the end marker (None); an exception
+    pushed instead (the learner failed mid-send) is raised. `fetch(version, index)` asks for an item and
+    returns a call that waits for it: the next item is asked for before this one is used, so a remote
+    round trip overlaps the engine's copy. Each iteration starts from the beginning, so one reader
+    serves every engine; picklable when `fetch` is."""
+
+    def __init__(self, fetch: Callable[[int, int], Callable[[], Any]], version: int):
+        self.fetch, self.version = fetch, version
+
+    def __iter__(self) -> Iterator:
+        index = 0
+        pending = self.fetch(self.version, index)
+        while (item := pending()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            index += 1
+            pending = self.fetch(self.version, index)
+            yield item
 
 
 class InProcessLink:
@@ -59,6 +127,9 @@ class InProcessLink:
 
     def put(self, obj: Any) -> Any:
         return copy.deepcopy(obj)  # a store owns a copy: the sender reuses its buffers
+
+    def stream(self) -> BucketLog:
+        return BucketLog()
 
     def _start(self, calls: list) -> _Futures:
         return _Futures([pool.submit(call) for pool, call in zip(self._threads, calls)])
@@ -98,8 +169,11 @@ class WeightTransport(ABC):
         link.connect(self.name, self.bucket_bytes, [{} for _ in link.worker_counts]).wait()
 
     @abstractmethod
-    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], link: EngineLink) -> list[int]:
-        """Deliver the tensors as `version` to every engine; returns the version each engine reports."""
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]], link: EngineLink,
+             stable: bool = False) -> list[int]:
+        """Deliver the tensors as `version` to every engine; returns the version each engine reports. Each
+        tensor is valid until the next is requested (ZeRO-3 gathers), unless `stable`: all stay valid
+        until send returns, so a transport may hold them instead of copying."""
 
     # ---- engine side (each vLLM worker) -------------------------------------------------------
     def connect_receiver(self, args: dict, worker_rank: int, device: torch.device) -> None:
@@ -142,20 +216,53 @@ def _read_only_bytes(buffer) -> torch.Tensor:
         return torch.frombuffer(buffer, dtype=torch.uint8)
 
 
-@register_transport("object_store")
-class ObjectStoreTransport(WeightTransport):
-    """Buckets go through the link's object store (Ray: one put per bucket on the learner's node, read by
-    every engine). The engine pulls the buckets one by one while vLLM reloads, so it holds one bucket
-    at a time where vLLM runs in-process; the object store holds the update until every engine is done."""
+class StreamingTransport(WeightTransport):
+    """A transport whose buckets reach the engines through the link's Stream: every engine starts
+    receiving at the first bucket instead of after the last."""
 
-    def send(self, version, named_tensors, link):
-        refs = [link.put((meta.to_json(), buffer.numpy()))
-                for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version)]
-        return link.receive(version, refs).wait()
+    def _open(self, link):
+        super()._open(link)
+        self.stream = link.stream()
+
+    def _send_stream(self, version: int, items: Iterable, link: EngineLink) -> list[int]:
+        pending = link.receive(version, self.stream.reader(version))
+        count = 0
+        try:
+            for item in items:
+                self.stream.put(version, count, item)
+                count += 1
+        except BaseException as exc:  # the engines are reading: end their update too, with the cause
+            self.stream.put(version, count, RuntimeError(f"weight sync {version} failed on the learner: {exc!r}"))
+            try:
+                pending.wait()
+            except Exception:
+                pass  # the engines fail with the error put above; the learner's own is the one to raise
+            self.stream.clear(version)
+            raise
+        self.stream.put(version, count, None)
+        try:
+            return pending.wait()
+        finally:
+            self.stream.clear(version)
+
+
+@register_transport("object_store")
+class ObjectStoreTransport(StreamingTransport):
+    """Buckets go through the link's object store (Ray: one put per bucket on the learner's node, read by
+    every engine). Each tensor's bytes are put as they are (the put is the one copy on the learner's
+    side; a ZeRO-3 gather is copied first, as it is freed before the bucket is full), and each engine
+    copies bucket k into its weights while bucket k+1 is put. The engine holds one bucket at a time where
+    vLLM runs in-process; the object store holds the update until every engine is done."""
+
+    def send(self, version, named_tensors, link, stable=False):
+        buckets = hold_stream(named_tensors, self.bucket_bytes, version, copy=not stable)
+        return self._send_stream(version, (link.put((meta.to_json(), [part.numpy() for part in parts]))
+                                           for meta, parts in buckets), link)
 
     def receive(self, version, payload):
-        for meta_json, buffer in payload:
-            yield from unpack(_check_version(BucketMeta.from_json(meta_json), version), _read_only_bytes(buffer))
+        for meta_json, parts in payload:
+            meta = _check_version(BucketMeta.from_json(meta_json), version)
+            yield from unpack_parts(meta, [_read_only_bytes(part) for part in parts])
 
 
 # ---- collective broadcast (NCCL on GPUs) ------------------------------------------------------------
@@ -192,8 +299,10 @@ class CollectiveTransport(WeightTransport):
     END closes it. Engines receive into one bucket-sized buffer while vLLM reloads: one bucket of extra
     memory on the receive side (more while a layer spans buckets: vLLM holds its first part)."""
 
+    backend: str | None = None  # None: nccl where the learner has a GPU, else gloo; "gloo" forces gloo on GPUs
+
     def _open(self, link):
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         world = 1 + sum(link.worker_counts)
         port = free_port()
         first = [1 + sum(link.worker_counts[:i]) for i in range(len(link.worker_counts))]
@@ -219,7 +328,7 @@ class CollectiveTransport(WeightTransport):
     def _header(self, kind: int = 0, nbytes: int = 0, meta_bytes: int = 0) -> torch.Tensor:
         return torch.tensor([kind, nbytes, meta_bytes], dtype=torch.int64, device=self.device)
 
-    def send(self, version, named_tensors, link):
+    def send(self, version, named_tensors, link, stable=False):  # packs each tensor as it arrives
         pending = link.receive(version, [])
         for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version, self.device):
             meta_bytes = torch.frombuffer(bytearray(meta.to_json().encode()), dtype=torch.uint8).to(self.device)
@@ -277,23 +386,26 @@ def _cuda_uuids() -> list[str]:
 
 
 @register_transport("cuda_ipc")
-class CudaIpcTransport(WeightTransport):
+class CudaIpcTransport(StreamingTransport):
     """Learner and engines on one node: rank 0 packs every bucket into its own GPU buffer and sends only
-    handles; each engine worker maps the buffers and vLLM copies out of them GPU to GPU. The learner
-    holds the sent groups once more on its GPU until every engine is done; engines hold nothing extra."""
+    handles, one bucket at a time as it is packed; each engine worker maps the buffers and vLLM copies
+    out of them GPU to GPU. The learner holds the sent groups once more on its GPU until every engine is
+    done; engines hold nothing extra."""
 
-    def send(self, version, named_tensors, link):
+    def send(self, version, named_tensors, link, stable=False):
         from torch.multiprocessing.reductions import reduce_tensor
 
         device = torch.device("cuda", torch.cuda.current_device())
         uuid = str(torch.cuda.get_device_properties(device).uuid)
-        buffers, payload = [], []
-        for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version, device, reuse_buffer=False):
-            buffers.append(buffer)  # alive until every engine has copied out of it
-            _, args = reduce_tensor(buffer)
-            payload.append(IpcBucket(meta.to_json(), uuid, tuple(args)))
-        torch.cuda.synchronize(device)
-        return link.receive(version, payload).wait()
+        buffers = []  # alive until every engine has copied out of them
+
+        def handles():
+            for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version, device, reuse_buffer=False):
+                torch.cuda.current_stream(device).synchronize()  # packed before another process reads it
+                buffers.append(buffer)
+                yield IpcBucket(meta.to_json(), uuid, tuple(reduce_tensor(buffer)[1]))
+
+        return self._send_stream(version, handles(), link)
 
     def receive(self, version, payload):
         from torch.multiprocessing.reductions import rebuild_cuda_tensor

@@ -2,6 +2,8 @@
 collective (gloo on CPU) transports end to end into a real vLLM engine, and the CUDA IPC wire format."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -10,9 +12,9 @@ from learner.param_groups import group_of
 from learner.weight_sender import WeightSender
 from rollout.prompts import decode_images, render_prompt
 from rollout.vllm_adapter import request_seeds
-from rollout.weight_bucket import ALIGN, BucketMeta, pack_stream, unpack
-from rollout.weight_transport import (TRANSPORTS, CudaIpcTransport, InProcessLink, IpcBucket, ipc_rebuild_args_for,
-                                      make_transport)
+from rollout.weight_bucket import ALIGN, BucketMeta, hold_stream, pack_stream, unpack, unpack_parts
+from rollout.weight_transport import (TRANSPORTS, BucketLog, CudaIpcTransport, InProcessLink, IpcBucket,
+                                      ipc_rebuild_args_for, make_transport)
 from services.data.synthetic import generate_problem
 
 
@@ -49,6 +51,40 @@ def test_corrupt_buckets_and_bad_sizes_are_rejected():
         list(unpack(shifted, buffer))
     with pytest.raises(ValueError):
         list(pack_stream(_tensors(), 0, version=1))
+    held_meta, parts = next(hold_stream(_tensors()[:2], 1 << 20, version=1, copy=True))
+    with pytest.raises(ValueError, match="corrupt"):
+        list(unpack_parts(held_meta, parts[:1]))
+    with pytest.raises(ValueError, match="needs"):
+        list(unpack_parts(held_meta, [parts[0], parts[1][:-4]]))
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_held_buckets_have_the_packed_layout_and_copy_only_when_asked(copy):
+    tensors = _tensors()
+    packed = list(pack_stream(tensors, bucket_bytes=4096, version=7, reuse_buffer=False))
+    held = list(hold_stream(tensors, bucket_bytes=4096, version=7, copy=copy))
+    assert [m for m, _ in held] == [m for m, _ in packed]
+    out = [(n, t) for meta, parts in held for n, t in unpack_parts(BucketMeta.from_json(meta.to_json()), parts)]
+    assert [n for n, _ in out] == [n for n, _ in tensors]
+    for (_, x), (_, y) in zip(out, tensors):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    a_weight = held[0][1][0]  # a contiguous host tensor: held as it is unless a copy is asked for
+    assert (a_weight.data_ptr() == tensors[0][1].data_ptr()) != copy
+
+
+def test_a_stream_reads_in_index_order_from_the_start_each_time():
+    log = BucketLog()
+    log.put(3, 1, "second")  # a threaded actor may run the learner's puts out of order
+    log.put(3, 0, "first")
+    log.put(3, 2, None)
+    reader = log.reader(3)
+    assert list(reader) == ["first", "second"] == list(reader)  # one reader serves every engine
+    log.put(4, 0, "x")
+    log.put(4, 1, RuntimeError("the learner failed"))
+    with pytest.raises(RuntimeError, match="learner failed"):
+        list(log.reader(4))
+    log.clear(3)  # after an update: its items go, the others stay
+    assert log.get(4, 0) == "x" and not [key for key in log._items if key[0] == 3]
 
 
 def test_registry_lists_choices_and_builds_every_transport():
@@ -81,7 +117,7 @@ class _Recorder:
     def connect_sender(self, link):
         pass
 
-    def send(self, version, named_tensors, link):
+    def send(self, version, named_tensors, link, stable=False):
         self.sent.append([n for n, _ in named_tensors])
         return [version]
 
@@ -180,6 +216,57 @@ class _RecordingEngine:
     def receive_weights(self, version, payload):
         self.received = {n: t.clone() for n, t in self.transport.receive(version, payload)}
         return version
+
+
+class _WatchingEngine(_RecordingEngine):
+    """Signals its first tensor, and keeps the error its receive ended with."""
+
+    def __init__(self):
+        self.first = threading.Event()
+        self.error: BaseException | None = None
+
+    def receive_weights(self, version, payload):
+        self.received, self.error = {}, None
+        try:
+            for name, tensor in self.transport.receive(version, payload):
+                self.first.set()
+                self.received[name] = tensor.clone()
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return version
+
+
+def test_the_engine_receives_the_first_bucket_before_the_last_is_put():
+    engine, transport = _WatchingEngine(), make_transport("object_store", 1 << 10)
+    link = InProcessLink([engine])
+    transport.connect_sender(link)
+    tensors = _tensors()
+
+    def gated():
+        yield from tensors[:2]  # more than a bucket: the first one is put on the way to the third tensor
+        assert engine.first.wait(timeout=60), "the engine got nothing while the learner was still sending"
+        yield from tensors[2:]
+
+    assert transport.send(1, gated(), link, stable=True) == [1]
+    assert list(engine.received) == [n for n, _ in tensors]
+    assert all(torch.equal(engine.received[n], t) for n, t in tensors)
+
+
+def test_a_learner_failure_mid_send_ends_the_engines_update_too():
+    engine, transport = _WatchingEngine(), make_transport("object_store", 1 << 10)
+    link = InProcessLink([engine])
+    transport.connect_sender(link)
+
+    def failing():
+        yield from _tensors()[:3]
+        raise KeyError("gather failed")
+
+    with pytest.raises(KeyError, match="gather failed"):  # the learner's own error, not the engine's
+        transport.send(1, failing(), link)
+    assert isinstance(engine.error, RuntimeError) and "gather failed" in str(engine.error)
+    assert transport.send(2, _tensors(), link) == [2]  # the version's log was cleared: the next one starts afresh
+    assert engine.error is None and len(engine.received) == len(_tensors())
 
 
 def _zero3_rank(rank: int, world: int, model_path: str, out: str, port: int) -> None:
