@@ -4,9 +4,11 @@ and how much extra memory the receiving engine needs.
 Part 1, bandwidth, 10 MB to 1 GB of float32 parameters shaped like transformer layers (hidden 512):
 - `memcpy`: one in-process copy of the same bytes into preallocated tensors (the limit: a sync must copy
   every byte at least once into the engine's parameters);
-- `bucketed`: the `object_store` transport as vireo runs it: this process packs and puts buckets, a Ray
-  actor on the same node receives them through `WeightTransport.receive` and copies every tensor into its
-  own preallocated parameters (what vLLM's loader does);
+- `bucketed`: the `object_store` transport as vireo runs it under ZeRO-0/1/2 (the default): this process
+  puts 64 MB buckets of the parameters' bytes, a Ray actor on the same node receives each bucket through
+  `WeightTransport.receive` as soon as it is put and copies every tensor into its own preallocated
+  parameters (what vLLM's loader does);
+- `zero3`: the same, as under ZeRO-3, where each gathered tensor is copied before the next is gathered;
 - `per_param`: one Ray call per parameter carrying that tensor, same copy on arrival.
 Part 2, receive-side peak memory with a real vLLM engine (CPU build, in-process) on a random-init
 InternVL: peak RSS above the engine's resting RSS during one update, streaming the buckets into a single
@@ -30,16 +32,11 @@ import time
 import ray
 import torch
 
+from actors.local_ray import start_local_ray
+from bench.layers import layer_shapes
 from rollout.weight_transport import make_transport
 
 HIDDEN = 512
-
-
-def layer_shapes(total_bytes: int) -> list[tuple[int, ...]]:
-    """Parameters of as many transformer layers (4 attention, 2 MLP matrices, 4 vectors) as fit."""
-    layer = [(HIDDEN, HIDDEN)] * 4 + [(4 * HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN)] + [(HIDDEN,)] * 4
-    per_layer = sum(torch.Size(s).numel() for s in layer) * 4
-    return layer * max(1, round(total_bytes / per_layer))
 
 
 def _rss_bytes(field: str) -> int:
@@ -94,17 +91,21 @@ def time_bandwidth(shapes, bucket_bytes: int, repeats: int) -> dict[str, float]:
     transport = make_transport("object_store", bucket_bytes)
     transport.connect_sender(link)
     ray.get(sink.load_one.remote("p0", source[0][1]))  # actor up
-    times: dict[str, list[float]] = {"memcpy": [], "bucketed": [], "per_param": []}
+    times: dict[str, list[float]] = {"memcpy": [], "bucketed": [], "zero3": [], "per_param": []}
     version = 0
-    for _ in range(repeats):  # alternate the three paths
+    for _ in range(repeats):  # alternate the paths
         start = time.perf_counter()
         for dst, (_, src) in zip(target, source):
             dst.copy_(src)
         times["memcpy"].append(time.perf_counter() - start)
         version += 1
         start = time.perf_counter()
-        assert transport.send(version, source, link) == [version]
+        assert transport.send(version, source, link, stable=True) == [version]
         times["bucketed"].append(time.perf_counter() - start)
+        version += 1
+        start = time.perf_counter()
+        assert transport.send(version, source, link) == [version]
+        times["zero3"].append(time.perf_counter() - start)
         start = time.perf_counter()
         for name, tensor in source:
             ray.get(sink.load_one.remote(name, tensor))
@@ -120,7 +121,7 @@ def receive_memory(text_hidden: int, text_layers: int, bucket_bytes: int) -> dic
     from learner.model_factory import TinySize, make_model
     from rollout.engine import RolloutEngine
     from rollout.vllm_adapter import EngineOptions
-    from rollout.weight_bucket import pack_stream
+    from rollout.weight_bucket import hold_stream
 
     out = make_model(tempfile.mkdtemp(prefix="vireo-bench-"), "internvl", seed=0,
                      size=replace(TinySize(), text_hidden=text_hidden, text_intermediate=4 * text_hidden,
@@ -131,16 +132,17 @@ def receive_memory(text_hidden: int, text_layers: int, bucket_bytes: int) -> dic
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     engine = RolloutEngine(str(out), EngineOptions(max_model_len=512))
     engine.connect_weights("object_store", bucket_bytes, {})
-    buckets = [(m.to_json(), b.numpy().copy()) for m, b in pack_stream(state.items(), bucket_bytes, version=0)]
+    buckets = [(m.to_json(), [p.numpy() for p in parts])
+               for m, parts in hold_stream(state.items(), bucket_bytes, version=0, copy=True)]
     result = {"model_mb": nbytes / 2**20}
     for version, mode in enumerate(["streamed", "staged"], start=1):
         payload = [(_retag(meta, version), buf) for meta, buf in buckets]
         base = reset_peak_rss()
         start = time.perf_counter()
         if mode == "streamed":  # copies happen lazily, one bucket at a time, as the store's reads would
-            engine.receive_weights(version, ((m, b.copy()) for m, b in payload))
+            engine.receive_weights(version, ((m, [p.copy() for p in parts]) for m, parts in payload))
         else:
-            engine.receive_weights(version, [(m, b.copy()) for m, b in payload])
+            engine.receive_weights(version, [(m, [p.copy() for p in parts]) for m, parts in payload])
         result[f"{mode}_s"] = time.perf_counter() - start
         result[f"{mode}_peak_extra_mb"] = (peak_rss() - base) / 2**20
     return result
@@ -161,14 +163,14 @@ def main() -> None:
     parser.add_argument("--memory-bucket-mb", type=float, default=1.0, help="part 2 bucket (learner default)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)  # a Ray of its own, not whatever cluster runs here
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  load {os.getloadavg()[0]:.2f}  cores {os.cpu_count()}  "
           f"bucket {args.bucket_mb:g} MB  medians of {args.repeats}")
-    print(f"{'size MB':>8} {'tensors':>8} {'memcpy GB/s':>12} {'bucketed GB/s':>14} {'per-param GB/s':>15} "
-          f"{'bucketed/memcpy':>16} {'bucketed/per-param':>19}")
+    print(f"{'size MB':>8} {'tensors':>8} {'memcpy GB/s':>12} {'bucketed GB/s':>14} {'zero3 GB/s':>11} "
+          f"{'per-param GB/s':>15} {'bucketed/memcpy':>16} {'bucketed/per-param':>19}")
     rows = []
     for size_mb in (float(s) for s in args.sizes_mb.split(",")):
-        shapes = layer_shapes(int(size_mb * 2**20))
+        shapes = layer_shapes(int(size_mb * 2**20), HIDDEN, element_size=4)
         nbytes = sum(torch.Size(s).numel() for s in shapes) * 4
         t = time_bandwidth(shapes, int(args.bucket_mb * 2**20), args.repeats)
         gbps = {k: nbytes / v / 1e9 for k, v in t.items()}
@@ -177,7 +179,7 @@ def main() -> None:
                "bucketed_over_per_param": t["per_param"] / t["bucketed"]}
         rows.append(row)
         print(f"{row['size_mb']:8.0f} {len(shapes):8d} {gbps['memcpy']:12.2f} {gbps['bucketed']:14.2f} "
-              f"{gbps['per_param']:15.2f} {row['bucketed_over_memcpy']:16.2f} {row['bucketed_over_per_param']:19.1f}")
+              f"{gbps['zero3']:11.2f} {gbps['per_param']:15.2f} {row['bucketed_over_memcpy']:16.2f} {row['bucketed_over_per_param']:19.1f}")
     ray.shutdown()
     hidden, layers = (int(x) for x in args.memory_model.split("x"))
     mem = receive_memory(hidden, layers, int(args.memory_bucket_mb * 2**20))
@@ -189,6 +191,7 @@ def main() -> None:
                       "bucketed_over_per_param": round(headline["bucketed_over_per_param"], 2),
                       "size_mb": round(headline["size_mb"]), "bucketed_GBps": round(headline["bucketed_GBps"], 3),
                       "memcpy_GBps": round(headline["memcpy_GBps"], 3),
+                      "zero3_GBps": round(headline["zero3_GBps"], 3),
                       "receive_peak_extra_mb_streamed": round(mem["streamed_peak_extra_mb"], 1),
                       "receive_peak_extra_mb_staged": round(mem["staged_peak_extra_mb"], 1),
                       "receive_model_mb": round(mem["model_mb"], 1)}))
