@@ -108,12 +108,12 @@ def pack_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes:
         yield BucketMeta(version, index, tuple(metas), end), buffer[:end]
 
 
-def hold_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int,
-                copy: bool) -> Iterator[tuple[BucketMeta, list[torch.Tensor]]]:
+def hold_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, version: int
+                ) -> Iterator[tuple[BucketMeta, list[torch.Tensor]]]:
     """The same buckets without a flat buffer: each tensor's bytes as a uint8 host tensor of its own, for a
-    transport whose store copies them anyway (one copy fewer than packing). `copy` takes a private copy of
-    each tensor as it arrives: needed when a tensor is valid only until the next is requested (ZeRO-3);
-    without it, host tensors are held as they are (valid for the whole send)."""
+    transport whose store copies them anyway (one copy fewer than packing). Host tensors are held as they
+    are (a non-contiguous one is made contiguous, a GPU one is copied to the host): every tensor must stay
+    valid until the consumer is done with its bucket (not so for ZeRO-3 gathers: pack those)."""
     metas: list[TensorMeta] = []
     parts: list[torch.Tensor] = []
     end = index = 0
@@ -121,10 +121,7 @@ def hold_stream(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes:
         if new:
             yield BucketMeta(version, index, tuple(metas), end), parts
             metas, parts, index = [], [], index + 1
-        flat = tensor.detach().reshape(-1)
-        if copy or flat.device.type != "cpu":
-            flat = flat.to("cpu", copy=True)
-        parts.append(flat.view(torch.uint8))
+        parts.append(tensor.detach().reshape(-1).to("cpu").view(torch.uint8))
         metas.append(_tensor_meta(name, tensor, start))
         end = start + parts[-1].numel()
     if metas:

@@ -249,20 +249,26 @@ class StreamingTransport(WeightTransport):
 @register_transport("object_store")
 class ObjectStoreTransport(StreamingTransport):
     """Buckets go through the link's object store (Ray: one put per bucket on the learner's node, read by
-    every engine). Each tensor's bytes are put as they are (the put is the one copy on the learner's
-    side; a ZeRO-3 gather is copied first, as it is freed before the bucket is full), and each engine
-    copies bucket k into its weights while bucket k+1 is put. The engine holds one bucket at a time where
-    vLLM runs in-process; the object store holds the update until every engine is done."""
+    every engine), each engine copying bucket k into its weights while bucket k+1 is put. Stable tensors
+    travel as they are, one buffer each (the put is the one copy on the learner's side); ZeRO-3 gathers,
+    freed before their bucket is full, are packed into one reused buffer first. The engine holds one
+    bucket at a time where vLLM runs in-process; the object store holds the update until every engine is
+    done."""
 
     def send(self, version, named_tensors, link, stable=False):
-        buckets = hold_stream(named_tensors, self.bucket_bytes, version, copy=not stable)
-        return self._send_stream(version, (link.put((meta.to_json(), [part.numpy() for part in parts]))
-                                           for meta, parts in buckets), link)
+        if stable:
+            buckets = ((meta, [part.numpy() for part in parts])
+                       for meta, parts in hold_stream(named_tensors, self.bucket_bytes, version))
+        else:
+            buckets = ((meta, [buffer.numpy()]) for meta, buffer in pack_stream(named_tensors, self.bucket_bytes, version))
+        return self._send_stream(version, (link.put((meta.to_json(), parts)) for meta, parts in buckets), link)
 
     def receive(self, version, payload):
         for meta_json, parts in payload:
             meta = _check_version(BucketMeta.from_json(meta_json), version)
-            yield from unpack_parts(meta, [_read_only_bytes(part) for part in parts])
+            views = [_read_only_bytes(part) for part in parts]
+            # one buffer per tensor (held), or one for the bucket (packed); the same for a bucket of one
+            yield from unpack(meta, views[0]) if len(views) == 1 else unpack_parts(meta, views)
 
 
 # ---- collective broadcast (NCCL on GPUs) ------------------------------------------------------------

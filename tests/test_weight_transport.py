@@ -51,25 +51,25 @@ def test_corrupt_buckets_and_bad_sizes_are_rejected():
         list(unpack(shifted, buffer))
     with pytest.raises(ValueError):
         list(pack_stream(_tensors(), 0, version=1))
-    held_meta, parts = next(hold_stream(_tensors()[:2], 1 << 20, version=1, copy=True))
+    held_meta, parts = next(hold_stream(_tensors()[:3], 1 << 20, version=1))
     with pytest.raises(ValueError, match="corrupt"):
-        list(unpack_parts(held_meta, parts[:1]))
+        list(unpack_parts(held_meta, parts[:2]))
     with pytest.raises(ValueError, match="needs"):
-        list(unpack_parts(held_meta, [parts[0], parts[1][:-4]]))
+        list(unpack_parts(held_meta, [parts[0], parts[1][:-4], parts[2]]))
 
 
-@pytest.mark.parametrize("copy", [True, False])
-def test_held_buckets_have_the_packed_layout_and_copy_only_when_asked(copy):
+def test_held_buckets_have_the_packed_layout_and_hold_host_tensors_as_they_are():
     tensors = _tensors()
     packed = list(pack_stream(tensors, bucket_bytes=4096, version=7, reuse_buffer=False))
-    held = list(hold_stream(tensors, bucket_bytes=4096, version=7, copy=copy))
+    held = list(hold_stream(tensors, bucket_bytes=4096, version=7))
     assert [m for m, _ in held] == [m for m, _ in packed]
     out = [(n, t) for meta, parts in held for n, t in unpack_parts(BucketMeta.from_json(meta.to_json()), parts)]
     assert [n for n, _ in out] == [n for n, _ in tensors]
     for (_, x), (_, y) in zip(out, tensors):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-    a_weight = held[0][1][0]  # a contiguous host tensor: held as it is unless a copy is asked for
-    assert (a_weight.data_ptr() == tensors[0][1].data_ptr()) != copy
+    parts = [part for _, ps in held for part in ps]
+    assert parts[0].data_ptr() == tensors[0][1].data_ptr()  # no copy of a contiguous host tensor
+    assert parts[-1].data_ptr() != tensors[-1][1].data_ptr()  # the transposed one is made contiguous
 
 
 def test_a_stream_reads_in_index_order_from_the_start_each_time():
@@ -237,7 +237,8 @@ class _WatchingEngine(_RecordingEngine):
         return version
 
 
-def test_the_engine_receives_the_first_bucket_before_the_last_is_put():
+@pytest.mark.parametrize("stable", [True, False])  # held tensors, or packed as ZeRO-3 gathers must be
+def test_the_engine_receives_the_first_bucket_before_the_last_is_put(stable):
     engine, transport = _WatchingEngine(), make_transport("object_store", 1 << 10)
     link = InProcessLink([engine])
     transport.connect_sender(link)
@@ -248,7 +249,7 @@ def test_the_engine_receives_the_first_bucket_before_the_last_is_put():
         assert engine.first.wait(timeout=60), "the engine got nothing while the learner was still sending"
         yield from tensors[2:]
 
-    assert transport.send(1, gated(), link, stable=True) == [1]
+    assert transport.send(1, gated(), link, stable=stable) == [1]
     assert list(engine.received) == [n for n, _ in tensors]
     assert all(torch.equal(engine.received[n], t) for n, t in tensors)
 
