@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/vireo train configs/demo.yaml
 
 test: install-test
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs

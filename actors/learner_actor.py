@@ -85,8 +85,8 @@ class LearnerGroup:
         self.timeout_s = timeout_s
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
-        finalizer = weakref.finalize(self, _release, self.placement)
-        finalizer.atexit = False
+        self._release = weakref.finalize(self, _release, self.placement)
+        self._release.atexit = False
         try:
             ray.get(self.placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
@@ -144,8 +144,10 @@ class LearnerGroup:
         self._same("load_training_state", in_dir)
 
     def kill(self) -> None:
+        """The ranks, then their reservation (waiting for garbage collection would hold the CPUs/GPUs)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        self._release()
 
 
 def _release(placement) -> None:

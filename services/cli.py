@@ -43,7 +43,11 @@ def _train(args) -> int:
             if not cfg.resume:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
             cfg = resume_config(run_dir / "config.yaml", args.overrides)
-        report = Controller(cfg, run_dir).run()
+        controller = Controller(cfg, run_dir)
+        try:
+            report = controller.run()
+        finally:  # its actors go with it, also when the driver lives on (a notebook, a test, an embedding)
+            controller.stop_actors()
     except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2

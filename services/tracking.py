@@ -222,6 +222,13 @@ def default_tracking_uri(out_dir: str | Path = "runs") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_artifacts(uri: str) -> Path | None:
+    """A sqlite store keeps its artifacts beside the database file. MLflow's default (./mlartifacts under the
+    process's working directory) would put them in a `ray job submit` job's working_dir, which the cluster
+    deletes. A server URI (http://…) returns None: the server decides."""
+    return Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+
+
 def flatten(tree, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"a/b/c": "value"}; stages are addressed by name (`stages/grpo/optim/lr`)."""
     if isinstance(tree, dict):
@@ -276,8 +283,7 @@ class MlflowBackend:
             self.client.update_run(self.run_uuid, "RUNNING")
         else:
             name = cfg.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or run.cfg.name
-            local = uri.startswith("sqlite:///") and not cfg.tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ
-            experiment = self._experiment(name, runs_folder / "mlartifacts" if local else None)
+            experiment = self._experiment(name, sqlite_artifacts(uri))
             self.run_uuid = self.client.create_run(experiment, run_name=run.run_id).info.run_id
         have = self.client.get_run(self.run_uuid).data.params
         params = [Param(mlflow_key(k), v[:6000]) for k, v in flatten(asdict(run.cfg)).items()

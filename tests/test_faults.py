@@ -18,6 +18,7 @@ import psutil
 import pytest
 import ray
 
+from services.cli import main
 from services.config import load_config
 from services.controller import Controller, RunStopped
 from services.tracking import read_metrics
@@ -42,11 +43,12 @@ def _pid(actor) -> int:
 
 
 class Faulty(Controller):
-    """Injects one fault per GRPO step (by the order of its rollouts) and records what each step got."""
+    """Injects one fault per GRPO step (by the order of its rollouts), records what each step got, and
+    presses Ctrl-C during the update of step `ctrl_c_at`."""
 
-    def __init__(self, *args, faults: dict, **kwargs):
+    def __init__(self, *args, faults: dict, ctrl_c_at: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.faults, self.rollout_calls, self.answered = faults, 0, []
+        self.faults, self.ctrl_c_at, self.rollout_calls, self.answered = faults, ctrl_c_at, 0, []
 
     def generate(self, problems, sampling):
         if sampling.n == 1:  # an evaluation
@@ -65,47 +67,34 @@ class Faulty(Controller):
                               {t.weights_version for t in trajectories}, self.weights_version))
         return trajectories
 
+    def train(self, samples):
+        if self.rollout_calls == self.ctrl_c_at:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as Ctrl-C does
+        return super().train(samples)
 
-def test_rollout_and_reward_faults_are_survived(ray_session, tiny_model_dir, tiny_data_dir, tmp_path):
-    cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir, ["faults.rollout_timeout_s=15"])
-    controller = Faulty(cfg, tmp_path / "run", log=lambda *_: None,
+
+def test_faults_are_survived_and_ctrl_c_stops_with_a_checkpoint_that_resumes(ray_session, tiny_model_dir,
+                                                                             tiny_data_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir,
+                  ["faults.rollout_timeout_s=15", "stages.0.save_every=0"])
+    controller = Faulty(cfg, tmp_path / "run", log=lambda *_: None, ctrl_c_at=4,
                         faults={2: "kill_rollout_mid_generation", 3: "hang_rollout", 4: "kill_reward"})
-    try:
-        report = controller.run()
-    finally:
-        controller.stop_actors()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunStopped) as stopped:
+        controller.run()
+    assert stopped.value.code == 130 and "stopped by SIGINT after step 4" in str(stopped.value)
+    assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # no step lost, none repeated
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no step lost, none repeated
     assert rows[-1]["actors/restarts"] >= 3 and rows[0]["actors/restarts"] == 0
     for got, expected, versions, current in controller.answered:
         assert got == expected and versions == {current}  # every prompt, by current-version weights
     # each replacement was brought to the current weights before serving: the probe runs on every engine
     assert all(r["sync/logprob_diff_max"] < 1e-3 for r in rows)
-    assert [r["sync/version"] for r in rows] == [1, 2, 3, 4, 5]
-    assert report["stages"][0]["end_step"] == 5
+    assert [r["sync/version"] for r in rows] == [1, 2, 3, 4]
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "grpo-step4" / "trainer_state.json").read_text())
+    assert saved["global_step"] == 4 and saved["stage_step"] == 4  # save_every=0: this is Ctrl-C's checkpoint
 
-
-def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(ray_session, tiny_model_dir,
-                                                                           tiny_data_dir, tmp_path):
-    class PressesCtrlC(Controller):
-        def train(self, samples):
-            if self.rollout_steps == 2:
-                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as Ctrl-C does
-            return super().train(samples)
-
-        def generate(self, problems, sampling):
-            self.rollout_steps = getattr(self, "rollout_steps", 0) + (sampling.n > 1)
-            return super().generate(problems, sampling)
-
-    cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir, ["stages.0.save_every=0"])
-    controller = PressesCtrlC(cfg, tmp_path / "run", log=lambda *_: None)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(RunStopped) as stopped:
-        controller.run()
-    assert stopped.value.code == 130 and "stopped by SIGINT after step 2" in str(stopped.value)
-    assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
-    saved = json.loads((tmp_path / "run" / "checkpoints" / "grpo-step2" / "trainer_state.json").read_text())
-    assert saved["global_step"] == 2 and saved["stage_step"] == 2
     resumed = Controller(cfg, tmp_path / "run", log=lambda *_: None)
     try:
         report = resumed.run()
@@ -113,16 +102,15 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_the_run_resumes(ray_s
         resumed.stop_actors()
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and report["stages"][0]["end_step"] == 5
+    assert rows[-1]["sync/version"] == 5
 
 
-def _vireo_train(run_dir, model, data, *extra) -> subprocess.Popen:
+def _train_args(run_dir, model, data) -> list[str]:
     config = run_dir.parent / "driver.yaml"
     config.write_text(GRPO_ONLY.replace("max_steps: 5", "max_steps: 6"))
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "train", str(config), f"run_dir={run_dir}", f"model.path={model}",
-         f"data.train={data}/train.parquet", f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8",
-         "reward.workers=1", "rollout.num_actors=1", "learner.num_ranks=1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return ["train", str(config), f"run_dir={run_dir}", f"model.path={model}", f"data.train={data}/train.parquet",
+            f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8", "reward.workers=1",
+            "rollout.num_actors=1", "learner.num_ranks=1"]
 
 
 def _wait_for_row(run_dir, step: int, process: subprocess.Popen, timeout_s: float = 900) -> None:
@@ -136,9 +124,11 @@ def _wait_for_row(run_dir, step: int, process: subprocess.Popen, timeout_s: floa
     raise AssertionError(f"no step {step} within {timeout_s} s")
 
 
-def test_driver_sigkill_leaves_no_ray_process_and_the_next_run_resumes(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_driver_sigkill_leaves_no_ray_process_and_the_next_run_resumes(ray_session, tiny_model_dir, tiny_data_dir,
+                                                                        tmp_path, capsys):
     model, run_dir = tiny_model_dir("internvl"), tmp_path / "run"
-    first = _vireo_train(run_dir, model, tiny_data_dir)
+    first = subprocess.Popen([sys.executable, "-m", "services.cli", *_train_args(run_dir, model, tiny_data_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     _wait_for_row(run_dir, 3, first)  # the checkpoint of step 2 is behind it, step 3 is lost
     family = [first.pid] + [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
     assert len(family) > 5  # Ray's processes and the actors
@@ -150,9 +140,9 @@ def test_driver_sigkill_leaves_no_ray_process_and_the_next_run_resumes(tiny_mode
     assert not _alive(family)  # the reaper killed every Ray process of the run
     assert not list(Path("/tmp").glob(f"vireo-ray-*/session_*_{first.pid}"))  # and removed its session directory
 
-    second = _vireo_train(run_dir, model, tiny_data_dir)
-    out, _ = second.communicate(timeout=900)
-    assert second.returncode == 0, out
+    # the next `vireo train` on the run directory (in this process, on the session's Ray) resumes it
+    assert main(_train_args(run_dir, model, tiny_data_dir)) == 0
+    out = capsys.readouterr().out
     assert "resuming" in out and "grpo-step" in out
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

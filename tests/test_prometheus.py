@@ -160,9 +160,8 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
     finally:
         server.terminate()
         server.wait(timeout=60)
-        if controller is not None and hasattr(controller, "rollouts"):
-            for actor in controller.rollouts + controller.learners.actors + [controller.reward]:
-                ray.kill(actor)
+        if controller is not None:
+            controller.stop_actors()
 
 
 def _ready(base: str) -> bool:
