@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,23 @@ def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
+def _dies_inside_generate():
+    """A function to run in a rollout actor (a closure, so Ray ships it by value): its next generate call
+    produces the answers, then the process is SIGKILLed before they are returned, so the kill lands inside
+    the call whatever the machine's speed."""
+
+    def install(actor) -> None:
+        generate = actor.engine.generate
+
+        def generate_then_die(*args, **kwargs):
+            generate(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        actor.engine.generate = generate_then_die
+
+    return install
+
+
 class Faulty(Controller):
     """Injects one fault per GRPO step (by the order of its rollouts), records what each step got, and
     presses Ctrl-C during the update of step `ctrl_c_at`."""
@@ -56,8 +72,7 @@ class Faulty(Controller):
         self.rollout_calls += 1
         fault = self.faults.get(self.rollout_calls)
         if fault == "kill_rollout_mid_generation":
-            pid = _pid(self.rollouts[0])
-            threading.Timer(0.2, os.kill, (pid, signal.SIGKILL)).start()
+            ray.get(self.rollouts[0].__ray_call__.remote(_dies_inside_generate()))
         elif fault == "hang_rollout":
             os.kill(_pid(self.rollouts[1]), signal.SIGSTOP)
         elif fault == "kill_reward":

@@ -94,7 +94,7 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_session, tiny_model_dir,
-                                                         tiny_data_dir, tmp_path):
+                                                         tiny_data_dir, tmp_path, monkeypatch):
     vireo_port, prom_port = free_port(), free_port()
     (node,) = [n for n in ray.nodes() if n["Alive"]]
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(ALERTS)],
@@ -117,19 +117,32 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
             "stages=[{name: grpo, kind: grpo, batch_size: 4, sampling: {n: 4, max_tokens: 12}, "
             "algo: {drop_uniform_groups: false}, end: {max_steps: 4}, eval_every: 2}]",
             "tracking.backends=[jsonl,prometheus]", f"tracking.prometheus.port={vireo_port}"])
-        start = time.time()
-        controller = Controller(cfg, tmp_path / "prom-run", log=lambda *_: None)
-        controller.run()
-        run_id = "prom-run"
+        run_id, start = "prom-run", time.time()
 
         def query(expr: str) -> list[dict]:
             return api(base, "/api/v1/query_range", query=as_grafana_sends(expr, run_id, "30s"),
                        start=start, end=time.time(), step="1s")["data"]["result"]
 
+        def empty_panels() -> list[str]:
+            return [name for name, expr in panel_queries() if not query(expr)]
+
+        def close_once_scraped(backend):
+            """The run's endpoint closes when the run ends; a short run may end before Prometheus has scraped
+            its last values (the final evaluation) or two points of a rate. Hold the endpoint open until
+            every panel has data (bounded), as a long run's scrapes would."""
+            deadline = time.time() + 120
+            while empty_panels() and time.time() < deadline:
+                time.sleep(1)
+            close(backend)
+
+        close = PrometheusBackend.close
+        monkeypatch.setattr(PrometheusBackend, "close", close_once_scraped)
+        controller = Controller(cfg, tmp_path / run_id, log=lambda *_: None)
+        controller.run()
         # the rollout actor's series travel through Ray's metrics agent on its own schedule
         _wait(lambda: query(f'ray_vireo_rollout_generated_tokens_total{{run_id="{run_id}"}}'), 120,
               "the rollout actor's series from Ray's metrics agent")
-        empty = [name for name, expr in panel_queries() if not query(expr)]
+        empty = empty_panels()
         assert not empty, f"dashboard queries without data: {empty}"
 
         def peak(expr: str) -> dict[str, float]:
