@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 class TrainSample:
     """prompt_token_ids come from the rollout engine (images expanded); advantage is per sequence (unused
     by the SFT loss). weight 0 marks a padding sample that keeps a rank's collectives in step but counts
-    nowhere: not in the loss, not in the token or sequence counts."""
+    nowhere: not in the loss, not in the token or sequence counts. rollout_logprobs: the engine's logprob of
+    each response token as it sampled it, when known; the learner reports how far its own are from them."""
 
     prompt_token_ids: list[int]
     response_token_ids: list[int]
     images: tuple[bytes, ...] = field(default=(), repr=False)
     advantage: float = 0.0
     weight: float = 1.0
+    rollout_logprobs: list[float] | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -232,7 +232,7 @@ class LearnerWorker:
             raise ValueError("training batch has no response tokens with weight > 0")
         updates = spec.loss.updates_per_batch
         stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ppo_kl_sum": 0.0}
-        entropy_sums = [0.0] * 5
+        entropy_sums, gap = [0.0] * 5, [0.0, 0.0, 0.0]
         old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
         for update in range(updates):
             for i, chunk in enumerate(micro):
@@ -243,20 +243,27 @@ class LearnerWorker:
                                          stats)
                 if update == 0:
                     entropy_sums = self._add_entropy_stats(entropy_sums, entropy, labels, mask)
+                    chunk_gap = _rollout_gap(chunk, logprobs)
+                    gap = [gap[0] + chunk_gap[0], gap[1] + chunk_gap[1], max(gap[2], chunk_gap[2])]
                 self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 self.engine.backward(loss, scale_wrt_gas=False)
                 self.engine.step()
         self.stage_step += 1
         self._trained_since_sync.update(g for g, n in self.trainable_params.items() if n)
         grad_norm = self.engine.get_global_grad_norm()
-        loss, clip, kl, ppo_kl, *entropy_sums = self._global_sum(list(stats.values()) + entropy_sums)
+        loss, clip, kl, ppo_kl, gap_sum, gap_n, *entropy_sums = self._global_sum(
+            list(stats.values()) + gap[:2] + entropy_sums)
+        gap_max = torch.tensor([gap[2]], dtype=torch.float64)
+        dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
         per_update_tokens = global_tokens * updates
+        rollout_gap = ({"rollout/logprob_diff_mean": gap_sum / gap_n, "rollout/logprob_diff_max": float(gap_max)}
+                       if gap_n else {})
         return {"actor/loss": loss / updates, "actor/pg_clipfrac": clip / per_update_tokens,
                 "actor/kl": kl / per_update_tokens, "actor/ppo_kl": ppo_kl / per_update_tokens,
                 **entropy_metrics(entropy_sums, "actor"),
                 "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "actor/lr": self.engine.get_lr()[0], "train/tokens": global_tokens,
-                "train/sequences": global_seqs}
+                "train/sequences": global_seqs, **rollout_gap}
 
     def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
         """The current policy on given responses, no update: their token-mean NLL (on reference solutions,
@@ -454,6 +461,22 @@ class LearnerWorker:
                     value = (base.state[param][key] if self.cfg.zero_stage == 0
                              else safe_get_full_optimizer_state(param, key))
                     yield name, key, value
+
+
+def _rollout_gap(chunk: list[TrainSample], logprobs: torch.Tensor) -> list[float]:
+    """[Σ |learner - engine| logprob, #tokens, max] over the response tokens of samples that carry the
+    engine's logprobs: how far the policy being trained is from the one that sampled (verl logs it as
+    rollout_probs_diff). Both are raw logprobs, so the figure is exact at sampling temperature 1."""
+    total, count, worst = 0.0, 0.0, 0.0
+    for i, sample in enumerate(chunk):
+        if sample.rollout_logprobs is None or sample.weight == 0:
+            continue
+        start = len(sample.prompt_token_ids) - 1
+        mine = logprobs[i, start:start + len(sample.response_token_ids)].detach().to("cpu", torch.float64)
+        diff = (mine - torch.tensor(sample.rollout_logprobs, dtype=torch.float64)).abs()
+        if diff.numel():
+            total, count, worst = total + float(diff.sum()), count + diff.numel(), max(worst, float(diff.max()))
+    return [total, count, worst]
 
 
 def _padding(sample: TrainSample) -> TrainSample:

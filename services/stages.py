@@ -99,8 +99,8 @@ class GrpoStage(StageKind):
         group_ids = [tr.prompt_id for tr in trajs]
         adv = algos.get_advantage_estimator(cfg.algo.adv_estimator)(
             rewards, group_ids, norm_by_std=cfg.algo.norm_adv_by_std)
-        samples = [TrainSample(tr.prompt_token_ids, tr.response_token_ids, tr.images, float(a))
-                   for tr, a in zip(trajs, adv.tolist())]
+        samples = [TrainSample(tr.prompt_token_ids, tr.response_token_ids, tr.images, float(a),
+                               rollout_logprobs=tr.response_logprobs) for tr, a in zip(trajs, adv.tolist())]
         kept = keep_informative(samples, group_ids, rewards) if cfg.algo.drop_uniform_groups else samples
         metrics = reward_metrics(trajs, results, len(kept))
         metrics["rollout/max_tokens"] = sampling.max_tokens

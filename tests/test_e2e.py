@@ -19,7 +19,8 @@ from services.tracking import read_metrics
 
 REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/entropy", "actor/critical_entropy",
             "actor/critical_token_rate", "actor/high_entropy_fraction", "actor/pg_clipfrac",
-            "actor/kl", "response_length/mean", "sync/version", "sync/logprob_diff_max", "timing_s/gen",
+            "actor/kl", "response_length/mean", "sync/version", "sync/logprob_diff_max", "rollout/logprob_diff_max",
+            "rollout/logprob_diff_mean", "timing_s/gen",
             "timing_s/reward", "timing_s/train", "timing_s/sync", "timing_s/step", "perf/tokens_per_s"]
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -102,6 +103,7 @@ def test_three_stages_report_and_metrics(three_stage_run):
         missing = [k for k in REQUIRED if k not in row]
         assert not missing, missing
         assert row["sync/logprob_diff_max"] < 1e-3  # float32 on both sides
+        assert row["rollout/logprob_diff_max"] < 1e-3  # the learner trains the policy that sampled
     # the SFT stage syncs once, for its end-of-stage evaluation; then one version per GRPO step
     assert [r["sync/version"] for r in grpo] == [2, 3, 4]
     events = [(r["event"], r["stage"], r["step"]) for r in rows if "event" in r]
