@@ -26,6 +26,9 @@ class LearnerActor:
     def ready(self) -> int:
         return self.worker.rank
 
+    def load_weights(self, model_path: str, version: int, cfg: LearnerConfig) -> None:
+        self.worker.load_weights(model_path, version, cfg)
+
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self.worker.train_step(batch)
 
@@ -115,6 +118,10 @@ class LearnerGroup:
 
     def ready(self) -> None:
         self._same("ready")
+
+    def load_weights(self, model_path: str, version: int, cfg: LearnerConfig) -> None:
+        """A new run on this group: its model and settings on every rank."""
+        self._same("load_weights", model_path, version, cfg)
 
     def train_step(self, shards: list[TrainBatch]) -> dict[str, float]:
         return self._each("train_step", shards)[0]

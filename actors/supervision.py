@@ -53,15 +53,19 @@ def get_all(refs: Sequence, timeout_s: float, who: Sequence[str]) -> list:
 
 
 class RestartBudget:
-    """Replacements allowed over a run; past it a flapping actor is a failure, not an endless loop."""
+    """Replacements allowed over a run (`used` comes back from its checkpoint: a resume does not refill
+    it); past it a flapping actor is a failure, not an endless loop. Each replacement also pushes back
+    when the next background start may begin (backoff, doubling to `max_backoff_s`)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+    def __init__(self, limit: int, used: int = 0, max_backoff_s: float = 60.0):
+        self.limit, self.used, self.max_backoff_s = limit, used, max_backoff_s
+        self.not_before = 0.0  # time.monotonic() before which no background start begins
 
     def spend(self, failure: ActorFailure) -> None:
         if self.used >= self.limit:
             raise ActorFailure(failure.who, f"failed again after {self.limit} replacements ({failure})")
         self.used += 1
+        self.not_before = time.monotonic() + min(self.max_backoff_s, 2.0 ** (self.used - 1) - 1)
 
 
 class Supervised:
@@ -84,54 +88,69 @@ class Supervised:
 
 
 class RolloutPool:
-    """The rollout actors. A shard of prompts whose actor dies or hangs past `timeout_s` goes back to the
-    queue and is answered by a live actor (same weights version); the lost actor is killed and a new one
-    starts at once, and before it serves it is brought to the learner's current weights by `catch_up`
-    (called with the new actors). A step therefore completes with every prompt answered by
-    current-version weights."""
+    """The rollout actors that serve, and `spares` more started off the work path. A shard of prompts
+    whose actor dies or hangs past `timeout_s` goes back to the queue and is answered by a live actor
+    (same weights version); the lost actor is killed and its slot taken by a spare — one that already
+    holds the current weights when there is one (`warm`), so the step does not wait for a start-up — and
+    a new spare starts in the background. Without a warm spare the slot's new actor serves only once it
+    is up and `catch_up` (called with the new actors) has brought it to the learner's current weights;
+    until then the live actors take its share. A step therefore completes with every prompt answered by
+    current-version weights. Spares receive every
+    weight sync once `warm_up` has given them the current weights."""
 
     def __init__(self, factory: Callable[[], Any], count: int, timeout_s: float, budget: RestartBudget,
-                 log: Callable[[str], None] = print, startup_timeout_s: float = 600.0):
+                 log: Callable[[str], None] = print, startup_timeout_s: float = 600.0, spares: int = 0):
         self.factory, self.timeout_s, self.budget, self.log = factory, timeout_s, budget, log
-        self.startup_timeout_s = startup_timeout_s
+        self.startup_timeout_s, self.spare_count = startup_timeout_s, spares
         self.actors = [factory() for _ in range(count)]
+        self.spares: list = [factory() for _ in range(spares)]
+        self.warm: list = []  # the spares holding the current weights (they receive every sync)
         self.catch_up: Callable[[list], None] = lambda actors: None
         self._fresh: list[int] = list(range(count))  # started or replaced slots not yet known to be up
+        self.replacement_waits: list[float] = []  # seconds a step waited for a replacement to come up
+        self.spare_startups: list[float] = []  # seconds from a spare's start to its taking weights (off the step)
+        self._started_at = {id(s): time.monotonic() for s in self.spares}
+        self._serving = False  # the first ready() is the pool's own start, not a replacement
 
-    def names(self) -> list[str]:
-        return [f"rollout actor {i}" for i in range(len(self.actors))]
+    def serving(self) -> list[int]:
+        """The slots whose actor is up with the current weights (a replacement still starting is not)."""
+        return [i for i in range(len(self.actors)) if i not in self._fresh]
+
+    def receivers(self) -> list:
+        """Every actor a weight sync goes to: the serving ones and the warm spares."""
+        return [self.actors[i] for i in self.serving()] + self.warm
 
     def call_all(self, method: str, *args) -> list:
-        """One call on every actor (e.g. weights_version); a lost actor is replaced and asked again."""
+        """One call on every serving actor (e.g. weights_version), after taking in the replacements that
+        have come up; a lost actor is replaced and the call asked again. With none serving, waits for one."""
         while True:
+            self.ready(wait=not self.serving())
+            slots = self.serving()
             try:
-                return get_all([getattr(a, method).remote(*args) for a in self.actors], self.timeout_s, self.names())
+                return get_all([getattr(self.actors[i], method).remote(*args) for i in slots], self.timeout_s,
+                               [f"rollout actor {i}" for i in slots])
             except ActorFailure as failure:
-                self._replace(self.names().index(failure.who), failure)
-                self.ready()
+                self._replace(int(failure.who.rsplit(" ", 1)[1]), failure)
 
     def map(self, method: str, shards: Sequence[tuple]) -> list:
         """`method(*shard)` for every shard (a tuple of arguments), spread over the actors; results in
-        shard order."""
+        shard order. A slot whose replacement is still starting takes work once it is up."""
         queue = deque(range(len(shards)))
-        idle = deque(range(len(self.actors)))
         running: dict[Any, tuple[int, int, float]] = {}  # ref -> (actor slot, shard, started)
         results: dict[int, Any] = {}
         while queue or running:
+            self.ready(wait=not running)
+            busy = {slot for slot, _, _ in running.values()}
+            idle = [s for s in range(len(self.actors)) if s not in busy and s not in self._fresh]
             while queue and idle:
-                slot, shard = idle.popleft(), queue.popleft()
+                slot, shard = idle.pop(0), queue.popleft()
                 ref = getattr(self.actors[slot], method).remote(*shards[shard])
                 running[ref] = (slot, shard, time.monotonic())
-            if not running:  # every actor lost: wait for the replacements
-                self.ready()
-                idle.extend(range(len(self.actors)))
-                continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in ready:
                 slot, shard, _ = running.pop(ref)
                 try:
                     results[shard] = ray.get(ref)
-                    idle.append(slot)
                 except Exception as exc:
                     if not actor_lost(exc):
                         raise
@@ -144,28 +163,101 @@ class RolloutPool:
                     self._replace(slot, ActorFailure(f"rollout actor {slot}",
                                                      f"gave no answer within {self.timeout_s:g} s"))
                     queue.append(shard)
-        self.ready()
+        self.ready(wait=False)  # a replacement still starting serves once it is up, not before
         return [results[i] for i in range(len(shards))]
 
     def _replace(self, slot: int, failure: ActorFailure) -> None:
+        """The slot's actor is lost: a warm spare takes it at once, else the longest-starting spare, else a
+        new actor; the spares are topped up in the background (maintain)."""
         self.budget.spend(failure)
-        self.log(f"[faults] {failure}; its prompts go to the live actors, a new one starts")
         ray.kill(self.actors[slot], no_restart=True)
-        self.actors[slot] = self.factory()
-        self._fresh.append(slot)
+        if self.warm:
+            spare = self.warm.pop(0)
+            self.spares.remove(spare)
+            how = "a warm spare with the current weights takes its place"
+        elif self.spares:
+            spare = self.spares.pop(0)
+            self._fresh.append(slot)
+            how = "a starting spare takes its place"
+        else:
+            spare = self.factory()
+            self._fresh.append(slot)
+            how = "a new one starts"
+        self.log(f"[faults] {failure}; its prompts go to the live actors, {how}")
+        self.actors[slot] = spare
+        self.maintain()
 
-    def ready(self) -> None:
+    def maintain(self) -> None:
+        """Start the spares that are missing (none before the budget's backoff has passed); never waits."""
+        while len(self.spares) < self.spare_count and time.monotonic() >= self.budget.not_before:
+            self.spares.append(self.factory())
+            self._started_at[id(self.spares[-1])] = time.monotonic()
+
+    def warm_up(self) -> None:
+        """Spares that have come up since the last call get the current weights (catch_up) and from then
+        on every sync; a spare that died starting is dropped and started again. Never waits for a start."""
+        self.maintain()
+        cold = [s for s in self.spares if s not in self.warm]
+        refs = {s.weights_version.remote(): s for s in cold}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
+        up = []
+        for ref in done:
+            try:
+                ray.get(ref)
+                up.append(refs[ref])
+            except Exception as exc:
+                if not actor_lost(exc):
+                    raise
+                self.budget.spend(ActorFailure("a spare rollout actor", exc))
+                self.spares.remove(refs[ref])
+        if up:
+            self.catch_up(up)
+            self.warm += up
+            self.spare_startups += [time.monotonic() - self._started_at.pop(id(s), time.monotonic()) for s in up]
+        self.maintain()
+
+    def drop_lost_spares(self) -> None:
+        """After a failed sync: a warm spare that no longer answers leaves the spares (a new one starts)."""
+        for spare in list(self.warm):
+            try:
+                get_all([spare.weights_version.remote()], self.timeout_s, ["a spare rollout actor"])
+            except ActorFailure as failure:
+                self.budget.spend(failure)
+                ray.kill(spare, no_restart=True)
+                self.warm.remove(spare)
+                self.spares.remove(spare)
+        self.maintain()
+
+    def kill(self) -> None:
+        for actor in self.actors + self.spares:
+            ray.kill(actor, no_restart=True)
+
+    def ready(self, wait: bool = True) -> None:
         """Wait until new actors are up (model loaded, within startup_timeout_s) and, when they replace
-        lost ones, hold the current weights."""
+        lost ones, hold the current weights. With wait=False only those already up are taken in."""
         while self._fresh:
-            slots, self._fresh = sorted(set(self._fresh)), []
+            slots = sorted(set(self._fresh))
+            if not wait:
+                refs = {self.actors[s].weights_version.remote(): s for s in slots}
+                done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+                slots = sorted(refs[r] for r in done)
+                if not slots:
+                    return
+            started = time.monotonic()
+            self._fresh = [s for s in self._fresh if s not in slots]
             try:
                 get_all([self.actors[s].weights_version.remote() for s in slots], self.startup_timeout_s,
                         [f"rollout actor {s}" for s in slots])
-                self.catch_up([self.actors[s] for s in slots])
+                if self._serving:  # the pool's first actors started with the current weights
+                    self.catch_up([self.actors[s] for s in slots])
+                if wait and self._serving:
+                    self.replacement_waits.append(time.monotonic() - started)
             except ActorFailure as failure:  # a replacement that does not come up is replaced in turn
                 if not failure.who.startswith("rollout actor"):
                     raise
                 slot = int(failure.who.rsplit(" ", 1)[1])
-                self._fresh = [s for s in slots if s != slot]
+                self._fresh += [s for s in slots if s != slot]
                 self._replace(slot, failure)
+            if not wait:
+                return
+        self._serving = True

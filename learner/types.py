@@ -18,6 +18,10 @@ class TrainSample:
     weight: float = 1.0
     rollout_logprobs: list[float] | None = field(default=None, repr=False)
 
+    def as_padding(self) -> TrainSample:
+        """A zero-weight copy: runs the forward/backward a collective needs, contributes nothing."""
+        return TrainSample(self.prompt_token_ids, self.response_token_ids, self.images, 0.0, weight=0.0)
+
 
 @dataclass
 class TrainBatch:
@@ -60,3 +64,4 @@ class StageSpec:
     total_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    temperature: float = 1.0  # the stage's sampling temperature: the loss is on the policy it sampled

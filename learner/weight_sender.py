@@ -37,6 +37,10 @@ class WeightSender:
         self.transport, self.rank, self.stable = transport, rank, stable
         self._trainable_at_last_sync: frozenset[str] = frozenset()
 
+    def forget(self) -> None:
+        """The engines are about to receive a whole new model: nothing earlier is owed to them."""
+        self._trainable_at_last_sync = frozenset()
+
     def groups_to_send(self, trainable: Collection[str]) -> tuple[str, ...]:
         return tuple(sorted(set(trainable) | self._trainable_at_last_sync))
 

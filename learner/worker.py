@@ -41,7 +41,6 @@ class LearnerConfig:
     zero_stage: int = 2
     grad_clip: float = 1.0
     micro_batch_size: int = 16
-    temperature: float = 1.0
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
     weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
@@ -66,8 +65,6 @@ def _torch_dtype(name: str) -> torch.dtype:
 class LearnerWorker:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int,
                  master_addr: str, master_port: int, cpu_threads: int = 1):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
         on_gpu = torch.cuda.is_available()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
@@ -79,21 +76,43 @@ class LearnerWorker:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        torch.manual_seed(cfg.seed)
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+        self.engine = None
+        self.model_type: str | None = None
+        self.load_weights(model_path, 0, cfg)
+
+    def load_weights(self, model_path: str, version: int, cfg: LearnerConfig) -> None:
+        """Serve a run: its model from `model_path`, labelled `version`, and its settings (a fleet's group
+        outlives runs). Drops any stage; the next begin_stage builds the optimiser. What shapes the group
+        itself (the architecture, ZeRO stage, dtype, weight transport) cannot change under it."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if self.model_type is not None:
+            fixed = [k for k in ("zero_stage", "dtype", "weight_transport", "weight_bucket_mb")
+                     if getattr(cfg, k) != getattr(self.cfg, k)]
+            if fixed:
+                raise ValueError(f"a learner group cannot change {', '.join('learner.optim.' + k for k in fixed)}"
+                                 " between runs")
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        self._model = self.ref_model = None
+        gc.collect()
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.critical_ids = sorted(critical_token_ids(self.processor.tokenizer, cfg.critical_words))
-        self._model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)).to(
-            self.device)
-        self.model_type = self._model.config.model_type
-        self.engine = None
-        self.ref_model = None
+        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype))
+        if self.model_type not in (None, model.config.model_type):
+            raise ValueError(f"this learner group trains {self.model_type}, not {model.config.model_type}")
+        self._model, self.model_type = model.to(self.device), model.config.model_type
         self.stage: StageSpec | None = None
         self.trainable_params: dict[str, int] = {}
         self._trained_since_sync: set[str] = set()
         self.stage_step = 0
-        self.version = 0
+        self.version = version
+        self.weight_sender.forget()  # the engines get this model whole (push_weights)
 
     # ---- stages ---------------------------------------------------------------------------------
     def begin_stage(self, spec: StageSpec, reference: str | None = None) -> dict[str, int]:
@@ -189,9 +208,11 @@ class LearnerWorker:
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         return inputs, ids[:, 1:].to(self.device), mask.to(self.device)
 
-    def _forward(self, model, samples: list[TrainSample], with_entropy: bool):
+    def _forward(self, model, samples: list[TrainSample], with_entropy: bool, temperature: float = 1.0):
+        """Logprobs (and entropy) of the policy at `temperature`: the stage's sampling temperature when
+        training, so the loss is taken on the distribution the engines sampled from."""
         inputs, labels, mask = self._model_inputs(samples)
-        logits = model(**inputs).logits[:, :-1].float() / self.cfg.temperature
+        logits = model(**inputs).logits[:, :-1].float() / temperature
         logprobs = algos.logprobs_from_logits(logits, labels)
         entropy = algos.entropy_from_logits(logits.detach()) if with_entropy else None
         return logprobs, entropy, mask, labels
@@ -236,9 +257,9 @@ class LearnerWorker:
         old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
         for update in range(updates):
             for i, chunk in enumerate(micro):
-                logprobs, entropy, mask, labels = self._forward(self.engine, chunk or [_padding(samples[0])],
-                                                                with_entropy=update == 0)
-                loss = self._policy_loss(spec, chunk or [_padding(samples[0])], logprobs, mask,
+                logprobs, entropy, mask, labels = self._forward(self.engine, chunk or [samples[0].as_padding()],
+                                                                with_entropy=update == 0, temperature=spec.temperature)
+                loss = self._policy_loss(spec, chunk or [samples[0].as_padding()], logprobs, mask,
                                          old_logprobs[i] if old_logprobs else None, global_tokens, global_seqs,
                                          stats)
                 if update == 0:
@@ -276,7 +297,7 @@ class LearnerWorker:
         policy.eval()
         with torch.no_grad():
             for chunk in self._micro_batches(samples):
-                logprobs, entropy, mask, labels = self._forward(policy, chunk or [_padding(samples[0])],
+                logprobs, entropy, mask, labels = self._forward(policy, chunk or [samples[0].as_padding()],
                                                                 with_entropy=True)
                 nll += algos.masked_sum(-logprobs, mask).item()
                 entropy_sums = self._add_entropy_stats(entropy_sums, entropy, labels, mask)
@@ -302,7 +323,8 @@ class LearnerWorker:
     def _old_logprobs(self, micro: list[list[TrainSample]], samples: list[TrainSample]) -> list[torch.Tensor]:
         self.engine.eval()
         with torch.no_grad():
-            out = [self._forward(self.engine, c or [_padding(samples[0])], with_entropy=False)[0] for c in micro]
+            out = [self._forward(self.engine, c or [samples[0].as_padding()], with_entropy=False,
+                                 temperature=self.stage.temperature)[0] for c in micro]
         self.engine.train()
         return out
 
@@ -321,7 +343,7 @@ class LearnerWorker:
         stats["ppo_kl_sum"] += float(pg["ppo_kl"][0])
         if self.ref_model is not None:
             with torch.no_grad():
-                ref, *_ = self._forward(self.ref_model, chunk, with_entropy=False)
+                ref, *_ = self._forward(self.ref_model, chunk, with_entropy=False, temperature=spec.temperature)
             kl = algos.kl_penalty(logprobs, ref, cfg.kl_estimator)
             loss = loss + cfg.kl_coef * algos.aggregate_loss(kl, mask, **normalisers) * self.world_size
             stats["kl_sum"] += algos.masked_sum(kl.detach(), mask).item()
@@ -478,7 +500,3 @@ def _rollout_gap(chunk: list[TrainSample], logprobs: torch.Tensor) -> list[float
             total, count, worst = total + float(diff.sum()), count + diff.numel(), max(worst, float(diff.max()))
     return [total, count, worst]
 
-
-def _padding(sample: TrainSample) -> TrainSample:
-    """A zero-weight copy: runs the forward/backward a collective needs, contributes nothing."""
-    return TrainSample(sample.prompt_token_ids, sample.response_token_ids, sample.images, 0.0, weight=0.0)

@@ -7,6 +7,8 @@ from rollout import vllm_adapter
 from rollout.prompts import decode_images, image_token_ids
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 
+NO_WEIGHTS = -1  # the version an engine reports between a fleet reset and the new run's weights
+
 
 class RolloutEngine:
     """Plain-Python core of a rollout actor (tests call it without Ray)."""
@@ -25,7 +27,15 @@ class RolloutEngine:
     def weights_version(self) -> int:
         return self._version
 
+    def expect_new_weights(self) -> None:
+        """A fleet serving a new run: the next update is that run's whole model, at whatever version the
+        run starts from; until it lands the engine holds no run's weights (version -1) and refuses to
+        generate."""
+        self._version = NO_WEIGHTS
+
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
+        if self._version == NO_WEIGHTS:
+            raise RuntimeError("this engine awaits a new run's weights (expect_new_weights) and cannot generate")
         params = vllm_adapter.sampling_params(sampling.n, sampling.temperature, sampling.top_p, sampling.max_tokens,
                                               sampling.seed, self.banned_token_ids, len(requests))
         inputs = [vllm_adapter.engine_input(r.prompt, decode_images(r.images)) for r in requests]

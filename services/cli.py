@@ -29,7 +29,7 @@ def _make_data(args) -> int:
 
 def _train(args) -> int:
     from services.config import ConfigError, load_config, resume_config
-    from services.controller import Controller, RunStopped, stage_table
+    from services.run import Run, RunStopped, stage_table
     from services.data.loading import DataError
     from services.selection import format_ranking
 
@@ -43,11 +43,7 @@ def _train(args) -> int:
             if not cfg.resume:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
             cfg = resume_config(run_dir / "config.yaml", args.overrides)
-        controller = Controller(cfg, run_dir)
-        try:
-            report = controller.run()
-        finally:  # its actors go with it, also when the driver lives on (a notebook, a test, an embedding)
-            controller.stop_actors()
+        report = Run(cfg, run_dir).run()  # its fleet goes with it, also when the driver lives on
     except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2

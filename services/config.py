@@ -50,6 +50,7 @@ class RolloutConfig:
     """The rollout engines (sampling settings belong to each grpo stage)."""
 
     num_actors: int = 2
+    spares: int = -1  # started actors off the work path that take a lost one's place; -1: one if it fits
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -310,7 +311,7 @@ def validate(cfg: RunConfig) -> None:
 
     engine, optim, reward, data = cfg.rollout.engine, cfg.learner.optim, cfg.reward, cfg.data
     checks = [(math.isfinite(value), f"{key} must be a finite number, got {value}")
-              for key, value in _flat(OmegaConf.structured(cfg)).items() if isinstance(value, float)]
+              for key, value in flat_config(OmegaConf.structured(cfg)).items() if isinstance(value, float)]
     checks += [
         (bool(cfg.name) and cfg.name not in (".", "..") and not set(cfg.name) & {"/", "\\"},
          f"name must be usable as a directory name, got {cfg.name!r}"),
@@ -340,10 +341,10 @@ def validate(cfg: RunConfig) -> None:
     ]
     checks += [
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),
+        (cfg.rollout.spares >= -1, "rollout.spares must be >= 0 (or -1: one where it fits)"),
         (cfg.learner.num_ranks >= 1, "learner.num_ranks must be >= 1"),
         (cfg.learner.optim.micro_batch_size >= 1, "learner.optim.micro_batch_size must be >= 1"),
         (cfg.learner.optim.grad_clip > 0, "learner.optim.grad_clip must be > 0"),
-        (cfg.learner.optim.temperature > 0, "learner.optim.temperature must be > 0"),
         one_of(cfg.learner.optim.dtype, DTYPES, "learner.optim.dtype"),
         one_of(cfg.rollout.engine.dtype, DTYPES, "rollout.engine.dtype"),
         (cfg.learner.optim.zero_stage in (0, 1, 2, 3), "learner.optim.zero_stage must be 0..3"),
@@ -424,7 +425,7 @@ def validate(cfg: RunConfig) -> None:
 # Keys a resumed run may change: where and on how many actors it runs, how it logs and keeps checkpoints,
 # not what it computes (a different number of learner ranks gives the same sums, up to float rounding).
 RESUMABLE_CHANGES = ("name", "out_dir", "run_dir", "resume", "ray_address", "worker_logs_to_console",
-                     "rollout.num_actors", "rollout.num_cpus_per_actor", "rollout.num_gpus_per_actor",
+                     "rollout.num_actors", "rollout.spares", "rollout.num_cpus_per_actor", "rollout.num_gpus_per_actor",
                      "rollout.engine.cpu_threads", "rollout.engine.cpu_kvcache_gib",
                      "rollout.engine.gpu_memory_utilization", "learner.num_ranks", "learner.num_cpus_per_rank",
                      "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.micro_batch_size",
@@ -437,7 +438,7 @@ def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ())
     the key. (A CONFIG file given again is not read: the run's own config is the one it started with.)"""
     saved = load_config(str(saved_path))
     resumed = load_config(str(saved_path), overrides)
-    want, have = _flat(OmegaConf.structured(resumed)), _flat(OmegaConf.structured(saved))
+    want, have = flat_config(OmegaConf.structured(resumed)), flat_config(OmegaConf.structured(saved))
     refused = sorted(k for k in want.keys() | have.keys()
                      if want.get(k) != have.get(k) and not k.startswith(RESUMABLE_CHANGES))
     if refused:
@@ -446,7 +447,7 @@ def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ())
     return resumed
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flat_config(node, prefix: str = "") -> dict:
     """Every leaf of a config tree by its dotted key (`stages.1.optim.lr`)."""
     container = OmegaConf.to_container(node) if not isinstance(node, dict | list) else node
     out = {}
@@ -454,7 +455,7 @@ def _flat(node, prefix: str = "") -> dict:
     for key, value in items:
         name = f"{prefix}{key}"
         if isinstance(value, dict | list) and value:
-            out.update(_flat(value, name + "."))
+            out.update(flat_config(value, name + "."))
         else:
             out[name] = value
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 from reward import mmmu
 from reward.benchmark import score_rows
 from reward.format_scorer import score_format
+from reward.types import ScoreRequest
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from rollout.vllm_adapter import EngineOptions
@@ -28,6 +29,18 @@ class EvalOptions:
     limit: int = 0
     batch_size: int = 64
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+def rollout_requests(processor, problems: list[Problem], system_prompt: str) -> list[RolloutRequest]:
+    """What the engines get for problems, in training, evaluation and make-coldstart alike: the
+    chat-templated prompt and the images."""
+    return [RolloutRequest(p.id, render_prompt(processor, p.question, system_prompt), p.images) for p in problems]
+
+
+def score_requests(problems: dict[str, Problem], trajectories: list[Trajectory]) -> list[ScoreRequest]:
+    """What the reward actor gets: each response with its own problem's answer (by prompt id)."""
+    return [ScoreRequest(t.response_text, problems[t.prompt_id].answer, problems[t.prompt_id].answer_type,
+                         problems[t.prompt_id].options) for t in trajectories]
 
 
 def problem_row(problem: Problem, response: str) -> dict:
@@ -80,9 +93,7 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
         out: list[Trajectory] = []
         for i in range(0, len(chunk_of), options.batch_size):
             chunk = chunk_of[i:i + options.batch_size]
-            out += engine.generate([RolloutRequest(p.id, render_prompt(engine.processor, p.question,
-                                                                       options.system_prompt), p.images)
-                                    for p in chunk], sampling)
+            out += engine.generate(rollout_requests(engine.processor, chunk, options.system_prompt), sampling)
             progress(i + len(chunk), len(chunk_of))
         return out
 

@@ -1,7 +1,7 @@
 """Stage kinds and end rules: a run is a list of stages (P3 §2: cold-start SFT -> GRPO -> connector-only).
 
-A stage kind is one registered class with `step(step) -> metrics`; the controller owns the loop, the
-checkpoints and the evaluations around it. Kinds talk to the actors only through the controller.
+A stage kind is one registered class with `step(step) -> metrics`; the run (services/run.py) owns the loop, the
+checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext (the run).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,8 +20,29 @@ from rollout.types import SamplingConfig
 from services.data.mix import MixSampler
 
 if TYPE_CHECKING:
+    from reward.types import RewardResult
+    from rollout.types import Trajectory
     from services.config import EndConfig, StageConfig
-    from services.controller import Controller
+    from services.data.problems import Problem
+
+
+class StageContext(Protocol):
+    """What a stage kind may ask of the run it is part of (services.run.Run is one; a test may pass its
+    own): kinds never reach the actors, the loop or the checkpoints."""
+
+    seed: int
+
+    def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]: ...
+
+    def score(self, problems: dict[str, Problem], trajectories: list[Trajectory], draw: int = 0) -> list[RewardResult]: ...
+
+    def sft_sample(self, problem: Problem) -> TrainSample: ...
+
+    def train(self, samples: list[TrainSample]) -> dict[str, float]: ...
+
+    def sync(self) -> dict[str, float]: ...
+
+    def versions(self) -> list[int]: ...
 
 STAGE_KINDS: dict[str, type[StageKind]] = {}
 
@@ -46,8 +67,8 @@ class StageKind:
     needs_solution = False
     policy_loss: str | None = None  # a kind that fixes its loss (SFT) names it; else the stage's algo
 
-    def __init__(self, controller: Controller, cfg: StageConfig, sampler: MixSampler):
-        self.ctl, self.cfg, self.sampler = controller, cfg, sampler
+    def __init__(self, ctx: StageContext, cfg: StageConfig, sampler: MixSampler):
+        self.ctx, self.cfg, self.sampler = ctx, cfg, sampler
 
     def spec(self, total_steps: int) -> StageSpec:
         cfg = self.cfg
@@ -69,8 +90,8 @@ class SftStage(StageKind):
 
     def step(self, step: int, global_step: int) -> dict[str, float]:
         start = time.time()
-        samples = [self.ctl.sft_sample(p) for p in self.sampler.draw(self.cfg.batch_size)]
-        metrics = self.ctl.train(samples)
+        samples = [self.ctx.sft_sample(p) for p in self.sampler.draw(self.cfg.batch_size)]
+        metrics = self.ctx.train(samples)
         metrics["timing_s/train"] = metrics["timing_s/step"] = time.time() - start
         return metrics
 
@@ -84,16 +105,20 @@ class GrpoStage(StageKind):
                  if step >= from_step]
         return grown[-1] if grown else self.cfg.sampling.max_tokens
 
+    def spec(self, total_steps: int) -> StageSpec:
+        """The loss is taken at the temperature the stage samples at (the policy that produced the data)."""
+        return dataclasses.replace(super().spec(total_steps), temperature=self.cfg.sampling.temperature)
+
     def step(self, step: int, global_step: int) -> dict[str, float]:
-        cfg, ctl = self.cfg, self.ctl
+        cfg, ctx = self.cfg, self.ctx
         start = time.time()
         problems = self.sampler.draw(cfg.batch_size)
         sampling = SamplingConfig(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                   max_tokens=self.max_tokens(step),
-                                  seed=ctl.cfg.trainer.seed * 100_003 + global_step)
-        trajs = ctl.generate(problems, sampling)
+                                  seed=ctx.seed * 100_003 + global_step)
+        trajs = ctx.generate(problems, sampling)
         t_gen = time.time()
-        results = ctl.score({p.id: p for p in problems}, trajs, draw=global_step)
+        results = ctx.score({p.id: p for p in problems}, trajs, draw=global_step)
         t_reward = time.time()
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         group_ids = [tr.prompt_id for tr in trajs]
@@ -105,12 +130,12 @@ class GrpoStage(StageKind):
         metrics = reward_metrics(trajs, results, len(kept))
         metrics["rollout/max_tokens"] = sampling.max_tokens
         if kept:
-            metrics.update(ctl.train(kept))
+            metrics.update(ctx.train(kept))
             t_train = time.time()
-            metrics.update(ctl.sync())
+            metrics.update(ctx.sync())
         else:
             t_train = time.time()
-            metrics.update({"sync/version": ctl.versions()[0], "timing_s/sync": 0.0})
+            metrics.update({"sync/version": ctx.versions()[0], "timing_s/sync": 0.0})
         tokens = sum(len(tr.response_token_ids) + len(tr.prompt_token_ids) for tr in trajs)
         metrics.update({"timing_s/gen": t_gen - start, "timing_s/reward": t_reward - t_gen,
                         "timing_s/train": t_train - t_reward, "timing_s/step": time.time() - start,

@@ -39,9 +39,24 @@ def ray_session():
 
     from actors.local_ray import start_local_ray
 
-    start_local_ray(num_cpus=4)
+    start_local_ray(num_cpus=8)  # the warm fleet and a run's own fleet side by side
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_session, tiny_model_dir):
+    """The suite's warm fleet (tests/fleets.py FLEET_LAYOUT) on the tiny InternVL: runs are reset onto it;
+    the tests that kill its actors leave it to repair itself, as a long-lived fleet must."""
+    from fleets import FLEET_LAYOUT
+
+    from services.config import load_config
+    from services.fleet import Fleet
+
+    model = tiny_model_dir("internvl")
+    warm = Fleet(load_config(None, [f"model.path={model}", *FLEET_LAYOUT]), model, log=lambda *_: None)
+    yield warm
+    warm.close()
 
 
 @pytest.fixture(scope="session")
@@ -60,13 +75,13 @@ def vireo_train(tmp_path, monkeypatch, capsys):
     run(*overrides, config=None) -> (rc, stderr)."""
     import learner.model_factory
     from services.cli import main
-    from services.controller import Controller
+    from services.run import Run
 
     def tripwire(*_args, **_kwargs):
         raise AssertionError("vireo train went past its checks")
 
     monkeypatch.setattr(learner.model_factory, "make_model", tripwire)
-    monkeypatch.setattr(Controller, "start_actors", tripwire)
+    monkeypatch.setattr(Run, "start_fleet", tripwire)
     out_dir = tmp_path / "runs"
 
     def run(*overrides: str, config: str | None = None) -> tuple[int, str]:

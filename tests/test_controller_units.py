@@ -4,15 +4,16 @@ import torch
 
 from learner.types import TrainSample
 from services.config import load_config
-from services.controller import Controller, _chunks
+from services.fleet import chunks
+from services.run import Run
 from services.data.loading import DataError
 from services.stages import keep_informative
 
 
 def test_chunks_are_contiguous_and_balanced():
-    assert _chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert _chunks([1], 2) == [[1], []]
-    assert sum(_chunks(list(range(10)), 4), []) == list(range(10))
+    assert chunks(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert chunks([1], 2) == [[1], []]
+    assert sum(chunks(list(range(10)), 4), []) == list(range(10))
 
 
 def test_uniform_groups_are_dropped():
@@ -24,7 +25,7 @@ def test_uniform_groups_are_dropped():
 def _sft_on(path, tmp_path, tiny_model_dir, extra=()):
     cfg = load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={path}",
                              "stages.0.kind=sft", *extra])
-    return Controller(cfg, tmp_path / "run", log=lambda *_: None)
+    return Run(cfg, tmp_path / "run", log=lambda *_: None)
 
 
 def test_sft_stage_reads_its_targets_from_the_data(tmp_path, tiny_model_dir, tiny_data_dir):
@@ -44,9 +45,9 @@ def test_sft_stage_refuses_data_without_solutions_before_any_actor(tmp_path, tin
     controller = _sft_on(bare, tmp_path, tiny_model_dir)
     with pytest.raises(DataError, match=r"no_solutions\.parquet.*'solution' or 'response' column"):
         controller.prepare()
-    assert not hasattr(controller, "rollouts")
+    assert controller.fleet is None
     # the same file is fine for a grpo stage (rewards need only the answer)
-    grpo = Controller(load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={bare}"]),
+    grpo = Run(load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={bare}"]),
                       tmp_path / "run2", log=lambda *_: None)
     assert len(grpo.prepare()[0].sources[0]) == table.num_rows
 

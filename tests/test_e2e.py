@@ -4,7 +4,6 @@ judged on an MMMU-layout held-out file; a two-stage run on Qwen2-VL."""
 from __future__ import annotations
 
 import json
-import string
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,8 +11,10 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 from learner.param_groups import group_of
+from fleets import FLEET_LAYOUT, run_on
+
 from services.config import load_config
-from services.controller import Controller
+from services.run import Run
 from services.data.loading import load_problems
 from services.tracking import read_metrics
 
@@ -45,18 +46,14 @@ def write_mmmu_layout(problems, path) -> str:
     return str(path)
 
 
-def _run(tmp_path, model, train, heldout, stages_yaml: str, extra=()):
+def _run(tmp_path, model, train, heldout, stages_yaml: str, extra=(), fleet=None):
+    """On the suite's warm fleet when given one, else on a fleet the run starts (and ends) itself."""
     config = tmp_path / "stages.yaml"
     config.write_text(stages_yaml)
     cfg = load_config(str(config), [
-        f"model.path={model}", f"data.train={train}", f"data.heldout={heldout}", "rollout.num_actors=2",
-        "learner.num_ranks=2", "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "reward.workers=1",
-        *extra])
-    controller = Controller(cfg, tmp_path / "run", log=lambda *_: None)
-    try:
-        report = controller.run()
-    finally:
-        controller.stop_actors()
+        f"model.path={model}", f"data.train={train}", f"data.heldout={heldout}", *FLEET_LAYOUT,
+        "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "reward.workers=1", *extra])
+    report = run_on(fleet, cfg, tmp_path / "run") if fleet else Run(cfg, tmp_path / "run", log=lambda *_: None).run()
     return cfg, report
 
 
@@ -71,10 +68,11 @@ stages:
 
 
 @pytest.fixture(scope="module")
-def three_stage_run(ray_session, tiny_model_dir, tiny_data_dir, tmp_path_factory):
+def three_stage_run(fleet, tiny_model_dir, tiny_data_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     heldout = write_mmmu_layout(load_problems(tiny_data_dir / "heldout.parquet").problems, tmp_path / "mmmu.parquet")
-    cfg, report = _run(tmp_path, tiny_model_dir("internvl"), tiny_data_dir / "train.parquet", heldout, THREE_STAGES)
+    cfg, report = _run(tmp_path, tiny_model_dir("internvl"), tiny_data_dir / "train.parquet", heldout, THREE_STAGES,
+                       fleet=fleet)
     return tmp_path, cfg, report, heldout
 
 
@@ -157,14 +155,14 @@ stages:
   - {name: cold, kind: sft, batch_size: 8, optim: {lr: 1.0e-3}, end: {max_steps: 2}}
   - {name: rl, kind: grpo, batch_size: 4, optim: {lr: 1.0e-3, weight_decay: 0.1}, sampling: {n: 4, max_tokens: 12},
      algo: {drop_uniform_groups: false, loss_agg_mode: seq-mean-token-mean, kl_coef: 0.01, kl_estimator: k2}, end: {max_steps: 2}}
-""")
+""", extra=["rollout.num_actors=1", "rollout.spares=0"])  # a fleet of its own, beside the warm one
     assert [s["end_step"] for s in report["stages"]] == [2, 4]
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert len(rows) == 2 and rows[-1]["sync/logprob_diff_max"] < 1e-3
     assert rows[0]["actor/kl"] == 0 < rows[-1]["actor/kl"]  # the reference: the policy as the stage started
 
 
-def test_make_coldstart_keeps_only_correct_formatted_traces(three_stage_run, tiny_data_dir):
+def test_make_coldstart_keeps_only_correct_formatted_traces(three_stage_run, tiny_data_dir, fleet):
     """Rejection sampling with the run's cold-start checkpoint; the output is an SFT stage's data."""
     from reward.compose import RewardScorer
     from reward.types import ScoreRequest
@@ -173,7 +171,7 @@ def test_make_coldstart_keeps_only_correct_formatted_traces(three_stage_run, tin
     tmp_path, _, report, _ = three_stage_run
     out = tmp_path / "traces.parquet"
     summary = make_coldstart(report["stages"][0]["checkpoint"], str(tiny_data_dir / "train.parquet"), str(out),
-                             samples=8, max_per_problem=2, max_tokens=24, limit=24, log=lambda *_: None)
+                             samples=8, max_per_problem=2, max_tokens=24, limit=24, fleet=fleet, log=lambda *_: None)
     assert summary["problems"] == 24 and summary["samples"] == 24 * 8
     kept = load_problems(out, require_solution=True).problems
     assert len(kept) == summary["traces"] and 0 < summary["problems_kept"] <= 24

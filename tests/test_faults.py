@@ -17,9 +17,11 @@ import psutil
 import pytest
 import ray
 
+from fleets import FLEET_LAYOUT, run_on, wrapped
+
 from services.cli import main
 from services.config import load_config
-from services.controller import Controller, RunStopped
+from services.run import RunStopped
 from services.tracking import read_metrics
 
 GRPO_ONLY = """
@@ -58,66 +60,68 @@ def _dies_inside_generate():
     return install
 
 
-class Faulty(Controller):
-    """Injects one fault per GRPO step (by the order of its rollouts), records what each step got, and
-    presses Ctrl-C during the update of step `ctrl_c_at`."""
+class Faults:
+    """Wraps the fleet's generate for one run: injects one fault per GRPO step (by the order of its
+    rollouts) and records what each step got; presses Ctrl-C during the update of step `ctrl_c_at`."""
 
-    def __init__(self, *args, faults: dict, ctrl_c_at: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.faults, self.ctrl_c_at, self.rollout_calls, self.answered = faults, ctrl_c_at, 0, []
+    def __init__(self, fleet, faults: dict, ctrl_c_at: int):
+        self.fleet, self.faults, self.ctrl_c_at, self.rollout_calls, self.answered = fleet, faults, ctrl_c_at, 0, []
 
-    def generate(self, problems, sampling):
-        if sampling.n == 1:  # an evaluation
-            return super().generate(problems, sampling)
-        self.rollout_calls += 1
-        fault = self.faults.get(self.rollout_calls)
-        if fault == "kill_rollout_mid_generation":
-            ray.get(self.rollouts[0].__ray_call__.remote(_dies_inside_generate()))
-        elif fault == "hang_rollout":
-            os.kill(_pid(self.rollouts[1]), signal.SIGSTOP)
-        elif fault == "kill_reward":
-            ray.kill(self.reward.actor)
-        trajectories = super().generate(problems, sampling)
-        self.answered.append((len(trajectories), len(problems) * sampling.n,
-                              {t.weights_version for t in trajectories}, self.weights_version))
-        return trajectories
+    def generate(self, original):
+        def generate(requests, sampling):
+            if sampling.n == 1:  # an evaluation
+                return original(requests, sampling)
+            self.rollout_calls += 1
+            fault = self.faults.get(self.rollout_calls)
+            if fault == "kill_rollout_mid_generation":
+                ray.get(self.fleet.pool.actors[0].__ray_call__.remote(_dies_inside_generate()))
+            elif fault == "hang_rollout":
+                os.kill(_pid(self.fleet.pool.actors[1]), signal.SIGSTOP)
+            elif fault == "kill_reward":
+                ray.kill(self.fleet.reward.actor)
+            trajectories = original(requests, sampling)
+            self.answered.append((len(trajectories), len(requests) * sampling.n,
+                                  {t.weights_version for t in trajectories}, self.fleet.version))
+            return trajectories
 
-    def train(self, samples):
-        if self.rollout_calls == self.ctrl_c_at:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as Ctrl-C does
-        return super().train(samples)
+        return generate
+
+    def train(self, original):
+        def train(samples):
+            if self.rollout_calls == self.ctrl_c_at:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step, as Ctrl-C does
+            return original(samples)
+
+        return train
 
 
-def test_faults_are_survived_and_ctrl_c_stops_with_a_checkpoint_that_resumes(ray_session, tiny_model_dir,
+def test_faults_are_survived_and_ctrl_c_stops_with_a_checkpoint_that_resumes(fleet, tiny_model_dir,
                                                                              tiny_data_dir, tmp_path):
     cfg = _config(tmp_path, tiny_model_dir("internvl"), tiny_data_dir,
-                  ["faults.rollout_timeout_s=15", "stages.0.save_every=0"])
-    controller = Faulty(cfg, tmp_path / "run", log=lambda *_: None, ctrl_c_at=4,
-                        faults={2: "kill_rollout_mid_generation", 3: "hang_rollout", 4: "kill_reward"})
+                  ["faults.rollout_timeout_s=15", "stages.0.save_every=0", *FLEET_LAYOUT])
+    faults = Faults(fleet, {2: "kill_rollout_mid_generation", 3: "hang_rollout", 4: "kill_reward"}, ctrl_c_at=4)
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(RunStopped) as stopped:
-        controller.run()
+    with wrapped(fleet, "generate", faults.generate), wrapped(fleet, "train", faults.train):
+        with pytest.raises(RunStopped) as stopped:
+            run_on(fleet, cfg, tmp_path / "run")
     assert stopped.value.code == 130 and "stopped by SIGINT after step 4" in str(stopped.value)
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no step lost, none repeated
     assert rows[-1]["actors/restarts"] >= 3 and rows[0]["actors/restarts"] == 0
-    for got, expected, versions, current in controller.answered:
+    for got, expected, versions, current in faults.answered:
         assert got == expected and versions == {current}  # every prompt, by current-version weights
     # each replacement was brought to the current weights before serving: the probe runs on every engine
     assert all(r["sync/logprob_diff_max"] < 1e-3 for r in rows)
     assert [r["sync/version"] for r in rows] == [1, 2, 3, 4]
     saved = json.loads((tmp_path / "run" / "checkpoints" / "grpo-step4" / "trainer_state.json").read_text())
     assert saved["global_step"] == 4 and saved["stage_step"] == 4  # save_every=0: this is Ctrl-C's checkpoint
+    assert saved["restarts_used"] == rows[-1]["actors/restarts"]  # the budget goes on after a resume
 
-    resumed = Controller(cfg, tmp_path / "run", log=lambda *_: None)
-    try:
-        report = resumed.run()
-    finally:
-        resumed.stop_actors()
+    report = run_on(fleet, cfg, tmp_path / "run")
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and report["stages"][0]["end_step"] == 5
-    assert rows[-1]["sync/version"] == 5
+    assert rows[-1]["sync/version"] == 5 and rows[-1]["actors/restarts"] == saved["restarts_used"]
 
 
 def _train_args(run_dir, model, data) -> list[str]:

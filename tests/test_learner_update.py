@@ -50,7 +50,7 @@ def _vireo(rank: int, world: int, micro: int, model_path: str, out: str, port: i
 
     from learner.types import OptimConfig, StageSpec
     from learner.worker import LearnerConfig, LearnerWorker
-    from services.controller import shard_batch
+    from services.fleet import shard_batch
 
     worker = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro, grad_clip=CLIP), rank, world,
                            "127.0.0.1", port)

@@ -18,9 +18,11 @@ import pytest
 import ray
 import yaml
 
+from fleets import FLEET_LAYOUT
+
 from actors.learner_actor import free_port
 from services.config import load_config
-from services.controller import Controller
+from services.run import Run
 from services.tracking import PrometheusBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +95,7 @@ def _wait(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_session, tiny_model_dir,
+def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet, tiny_model_dir,
                                                          tiny_data_dir, tmp_path, monkeypatch):
     vireo_port, prom_port = free_port(), free_port()
     (node,) = [n for n in ray.nodes() if n["Alive"]]
@@ -107,12 +109,11 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
         server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
                                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                    f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
-    controller = None
     try:
         _wait(lambda: _ready(base), 120, "Prometheus to start")
         cfg = load_config(None, [
             f"model.path={tiny_model_dir('internvl')}", f"data.train={_training_data(tiny_data_dir, tmp_path / 'data')}",
-            f"data.heldout={tiny_data_dir / 'heldout.parquet'}", "rollout.num_actors=1", "learner.num_ranks=1",
+            f"data.heldout={tiny_data_dir / 'heldout.parquet'}", *FLEET_LAYOUT,
             "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "evaluation.limit=8", "reward.workers=1",
             "stages=[{name: grpo, kind: grpo, batch_size: 4, sampling: {n: 4, max_tokens: 12}, "
             "algo: {drop_uniform_groups: false}, end: {max_steps: 4}, eval_every: 2}]",
@@ -137,8 +138,8 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
 
         close = PrometheusBackend.close
         monkeypatch.setattr(PrometheusBackend, "close", close_once_scraped)
-        controller = Controller(cfg, tmp_path / run_id, log=lambda *_: None)
-        controller.run()
+        run = Run(cfg, tmp_path / run_id, fleet=fleet, log=lambda *_: None)  # the run_id reaches its actors
+        run.run()
         # the rollout actor's series travel through Ray's metrics agent on its own schedule
         _wait(lambda: query(f'ray_vireo_rollout_generated_tokens_total{{run_id="{run_id}"}}'), 120,
               "the rollout actor's series from Ray's metrics agent")
@@ -153,7 +154,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
         assert step in {1.0, 2.0, 3.0, 4.0}
         assert peak('sum by (reason) (vireo_samples_skipped_total{run_id="prom-run"})') == {
             '{"reason": "train/missing_answer"}': 1.0}
-        assert list(peak('max by (run_id) (vireo_rollout_actors_alive{run_id="prom-run"})').values()) == [1.0]
+        assert list(peak('max by (run_id) (vireo_rollout_actors_alive{run_id="prom-run"})').values()) == [2.0]
         (version,) = peak('max by (run_id) (vireo_weights_version{run_id="prom-run"})').values()
         assert 1 <= version <= 4  # one sync per step
         phases = peak('sum by (phase) (vireo_step_duration_seconds_count{run_id="prom-run"})')
@@ -164,7 +165,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
             "VireoRunStuck": "ok", "VireoRewardCollapse": "ok", "VireoEntropyCollapse": "ok",
             "VireoRolloutActorsDown": "ok"}
 
-        (backend,) = [b for b in controller.tracker.backends if isinstance(b, PrometheusBackend)]
+        (backend,) = [b for b in run.tracker.backends if isinstance(b, PrometheusBackend)]
         from prometheus_client import generate_latest
 
         lint = subprocess.run([prometheus_tools["promtool"], "check", "metrics"],
@@ -173,8 +174,6 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, ray_se
     finally:
         server.terminate()
         server.wait(timeout=60)
-        if controller is not None:
-            controller.stop_actors()
 
 
 def _ready(base: str) -> bool:

@@ -13,12 +13,14 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
+from fleets import FLEET_LAYOUT, run_on, wrapped
+
 from services.config import load_config, resume_config
-from services.controller import Controller, RunStopped
+from services.run import Run, RunStopped
 from services.tracking import read_metrics
 
 SHORT_DEMO = ["data.n_train=96", "data.n_heldout=16", "evaluation.max_tokens=16", "reward.workers=1",
-              "rollout.num_actors=1", "learner.optim.micro_batch_size=16", "stages.coldstart.end.max_steps=40",
+              *FLEET_LAYOUT, "learner.optim.micro_batch_size=16", "stages.coldstart.end.max_steps=40",
               "stages.coldstart.batch_size=16", "stages.coldstart.optim.lr=2.0e-3", "stages.grpo.batch_size=6",
               "stages.grpo.sampling.n=4", "stages.grpo.sampling.max_tokens=16", "stages.grpo.end.max_steps=4",
               "stages.grpo.save_every=2", "stages.grpo.eval_every=2", "stages.grpo.algo.drop_uniform_groups=false",
@@ -29,21 +31,19 @@ KILL_AFTER_STEP = 43  # the GRPO checkpoint is at step 42 (its second step): ste
 TIMING = ("timing_s/", "perf/")
 
 
-class KillsLearnerRank(Controller):
-    """Learner rank 1 dies (ray.kill, as a lost node) as the update of the step after KILL_AFTER_STEP starts."""
+def kills_learner_rank(fleet, run_dir):
+    """Wraps the fleet's train: learner rank 1 dies (ray.kill, as a lost node) as the update of the step
+    after KILL_AFTER_STEP starts."""
 
-    def train(self, samples):
-        if read_metrics(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
-            ray.kill(self.learners.actors[1])
-        return super().train(samples)
+    def wrapper(train):
+        def train_then_lose_a_rank(samples):
+            if read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == KILL_AFTER_STEP:
+                ray.kill(fleet.learners.actors[1])
+            return train(samples)
 
+        return train_then_lose_a_rank
 
-def _run(cls, cfg, run_dir) -> dict:
-    controller = cls(cfg, run_dir, log=lambda *_: None)
-    try:
-        return controller.run()
-    finally:
-        controller.stop_actors()
+    return wrapper
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -51,13 +51,14 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def straight_and_resumed(ray_session, tmp_path_factory):
+def straight_and_resumed(fleet, tmp_path_factory):
+    """On the suite's warm fleet; the killed rank's group is started anew by the next run's reset."""
     tmp = tmp_path_factory.mktemp("resume")
-    straight = _run(Controller, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "straight")
-    with pytest.raises(RunStopped) as stopped:
-        _run(KillsLearnerRank, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "killed")
+    straight = run_on(fleet, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "straight")
+    with wrapped(fleet, "train", kills_learner_rank(fleet, tmp / "killed")), pytest.raises(RunStopped) as stopped:
+        run_on(fleet, load_config("configs/demo.yaml", SHORT_DEMO), tmp / "killed")
     shutil.copytree(tmp / "killed", tmp / "killed-copy")
-    resumed = _run(Controller, resume_config(tmp / "killed" / "config.yaml"), tmp / "killed")
+    resumed = run_on(fleet, resume_config(tmp / "killed" / "config.yaml"), tmp / "killed")
     return tmp, straight, resumed, stopped.value
 
 
@@ -90,8 +91,8 @@ def test_killed_and_resumed_equals_straight(straight_and_resumed):
 
 def test_resume_on_another_learner_world_size(straight_and_resumed):
     tmp, straight, *_ = straight_and_resumed
-    cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1"])
-    report = _run(Controller, cfg, tmp / "killed-copy")
+    cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1", "rollout.spares=0"])
+    report = Run(cfg, tmp / "killed-copy", log=lambda *_: None).run()  # a fleet of its own: another layout
     assert [s["end_step"] for s in report["stages"]] == [s["end_step"] for s in straight["stages"]]
     rows = [r for r in read_metrics(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in rows] == STEPS

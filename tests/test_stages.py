@@ -9,7 +9,7 @@ from learner import algos
 from learner.schedules import lr_at
 from learner.types import TrainSample
 from services.config import ConfigError, EarlyStopRule, EndConfig, ThresholdRule, load_config
-from services.controller import shard_batch
+from services.fleet import shard_batch
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.stages import STAGE_KINDS, EndRule, GrpoStage, get_stage_kind

@@ -1,15 +1,12 @@
-"""The controller: the single driver of a run. A run is a list of stages (services.stages); the
-controller owns the stage loop, the data, checkpoints, evaluations and metrics, and never holds model
-weights (DESIGN.md). Data flows one way:
-controller -> rollout actors -> reward actor -> controller (advantages) -> learner group -> weights back.
+"""A run: the stage loop over a fleet (services/fleet.py). A run is a list of stages (services.stages);
+the run owns the loop, the data, checkpoints, evaluations and metrics, and never holds model weights.
+Data flows one way: run -> rollout actors -> reward actor -> run (advantages) -> learner group -> weights
+back to the rollout actors.
 """
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
-import math
-import os
 import random
 import signal
 import time
@@ -20,27 +17,23 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.learner_actor import LearnerGroup
-from actors.local_ray import start_local_ray
-from actors.reward_actor import RewardActor
-from actors.rollout_actor import RolloutActor, count_alive
-from actors.supervision import ActorFailure, RestartBudget, RolloutPool, Supervised, actor_lost
-from learner.types import TrainBatch, TrainSample
-from reward.types import RewardResult, ScoreRequest
+from actors.supervision import ActorFailure, RestartBudget
+from learner.types import TrainSample
+from reward.types import RewardResult
 from rollout.prompts import decode_images, render_prompt
-from rollout.types import RolloutRequest, SamplingConfig, Trajectory
+from rollout.types import SamplingConfig, Trajectory
 from services.checkpoints import CheckpointStore, atomic_write_text
 from services.config import RunConfig, StageConfig, to_yaml
 from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
-from services.evaluation import EvalOptions, evaluate_problems
-from services.stages import EndRule, StageKind, get_stage_kind
+from services.evaluation import EvalOptions, evaluate_problems, rollout_requests, score_requests
+from services.fleet import Fleet
 from services.progress import StageProgress
 from services.selection import checkpoint_ranking, selection_summary
+from services.stages import EndRule, StageKind, get_stage_kind
 from services.tracking import read_metrics, start_tracker
 
-REWARD_CPUS = 0.1
 EXIT_INTERRUPTED = 130
 
 
@@ -69,6 +62,33 @@ class EvalResult:
 
 
 @dataclass
+class StageState:
+    """Where a stage is: what its checkpoint saves and a resume restores (with the sampler's and the end
+    rule's own state)."""
+
+    index: int
+    kind: StageKind
+    end: EndRule
+    step: int = 0  # the stage's steps done
+    first_step: int = 0  # the run's step count when the stage began
+    started: float = field(default_factory=time.time)
+
+    @property
+    def global_step(self) -> int:
+        return self.first_step + self.step
+
+    def state(self) -> dict:
+        return {"stage_index": self.index, "stage_step": self.step, "global_step": self.global_step,
+                "sampler": self.kind.sampler.state(), "end_rule": self.end.state(),
+                "stage_seconds": time.time() - self.started}
+
+    def load_state(self, saved: dict) -> None:
+        self.kind.sampler.load_state(saved["sampler"])
+        self.end.load_state(saved["end_rule"])
+        self.step, self.started = saved["stage_step"], time.time() - saved["stage_seconds"]
+
+
+@dataclass
 class StagePlan:
     """A stage's config with its data loaded and checked (before any actor starts)."""
 
@@ -83,37 +103,23 @@ class StagePlan:
         return sum(len(s) for s in self.sources) / self.cfg.batch_size
 
 
-def _chunks(items: list, n: int) -> list[list]:
-    """Split into n contiguous, nearly equal parts (some may be empty when len(items) < n)."""
-    k, r = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + k + (1 if i < r else 0)
-        out.append(items[start:end])
-        start = end
-    return out
+class Run:
+    """One run on a fleet: given one (`fleet`: warm actors that outlive the run, reset for it) or starting
+    its own for the run's length. Stage kinds call it through services.stages.StageContext."""
 
-
-def shard_batch(samples: list[TrainSample], ranks: int) -> list[TrainBatch]:
-    """One shard per learner rank; a rank left empty (fewer samples than ranks) gets a zero-weight copy
-    that runs the collectives but counts nowhere, so no real sample counts twice."""
-    shards = _chunks(samples, ranks)
-    pad = TrainSample(samples[0].prompt_token_ids, samples[0].response_token_ids, samples[0].images, 0.0, weight=0.0)
-    return [TrainBatch(s or [pad]) for s in shards]
-
-
-class Controller:
-    def __init__(self, cfg: RunConfig, run_dir: Path, log=print):
+    def __init__(self, cfg: RunConfig, run_dir: Path, fleet: Fleet | None = None, log=print):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.progress = StageProgress(log)
         self.log = self.progress.line
-        self.on_gpu = torch.cuda.is_available() or cfg.rollout.num_gpus_per_actor > 0
+        self.fleet, self.owns_fleet = fleet, fleet is None
         self.skipped: Counter = Counter()
-        self.dirty = False  # the learner holds weights the engines have not received
-        self.weights_version = 0
+        self.budget = RestartBudget(cfg.faults.max_restarts)
+        self.weights_version, self.dirty = 0, False  # of a checkpoint being resumed
         self.stop_requested: str | None = None
         self.store: CheckpointStore | None = None
         self.last_checkpoint: str | None = None
+        self.stage_start_model: str | None = None
+        self.probe_problem: Problem | None = None
         self._loaded: dict[tuple[str, bool], list[Problem]] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -183,83 +189,27 @@ class Controller:
             self._loaded[key] = result.problems
         return self._loaded[key]
 
-    def start_actors(self, learners: bool = True, model_path: str | None = None) -> None:
-        """Rollout actors and the reward actor, and (unless only generating) the learner group, all from
-        `model_path` (default: the run's model; a resumed run's checkpoint, whose weights are
-        `self.weights_version`)."""
-        cfg, faults = self.cfg, self.cfg.faults
-        model_path = model_path or cfg.model.path
-        ranks = cfg.learner.num_ranks if learners else 0
-        needed = {"CPU": cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor + REWARD_CPUS
-                  + ranks * cfg.learner.num_cpus_per_rank,
-                  "GPU": cfg.rollout.num_actors * cfg.rollout.num_gpus_per_actor + ranks * cfg.learner.num_gpus_per_rank}
-        if not ray.is_initialized():
-            if cfg.ray_address or os.environ.get("RAY_ADDRESS"):  # a cluster, e.g. under `ray job submit`
-                ray.init(address=cfg.ray_address or None)
-            else:  # a laptop: let every actor be placed even when the fractions add up past the cores
-                start_local_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(needed["CPU"])),
-                                log_to_driver=cfg.worker_logs_to_console)
-        have = ray.cluster_resources()
-        short = {k: (v, have.get(k, 0.0)) for k, v in needed.items() if v > have.get(k, 0.0) + 1e-9}
-        if short:
-            raise RuntimeError("the Ray cluster cannot place vireo's actors: "
-                               + ", ".join(f"{k} needs {v:g}, cluster has {h:g}" for k, (v, h) in short.items()))
-        version = self.weights_version
-        self.restarts = RestartBudget(faults.max_restarts)
-        self.pool = RolloutPool(
-            lambda: RolloutActor.options(num_cpus=cfg.rollout.num_cpus_per_actor,
-                                         num_gpus=cfg.rollout.num_gpus_per_actor).remote(
-                model_path, cfg.rollout.engine, self.on_gpu, version, self.run_dir.name),
-            cfg.rollout.num_actors, faults.rollout_timeout_s, self.restarts, self.log, faults.startup_timeout_s)
-        self.reward = Supervised(lambda: RewardActor.options(num_cpus=REWARD_CPUS).remote(cfg.reward),
-                                 "reward actor", faults.reward_timeout_s, self.restarts, self.log)
-        self.learners = None if not learners else LearnerGroup(
-            model_path, cfg.learner.optim, cfg.learner.num_ranks, cfg.learner.num_cpus_per_rank,
-            cfg.learner.num_gpus_per_rank, cfg.learner.master_port, faults.learner_timeout_s, version)
-        if self.learners:
-            # a replaced rollout actor starts from model_path: bring it to the learner's current weights
-            self.pool.catch_up = lambda actors: (self.learners.push_weights(actors)
-                                                 if self.weights_version != version else None)
-            self.learners.ready()
-        self.pool.ready()
+    def start_fleet(self, model_path: str) -> None:
+        """The run's actors from `model_path` (the run's model, or a resumed run's checkpoint, whose
+        weights are `self.weights_version`): its own fleet, or the given one reset for it."""
+        if self.owns_fleet:
+            self.fleet = Fleet(self.cfg, model_path, self.weights_version, self.run_dir.name, self.budget, self.log)
+        else:
+            self.fleet.reset(self.cfg, model_path, self.weights_version, self.run_dir.name, self.budget)
+        self.fleet.dirty = self.dirty
 
-    @property
-    def rollouts(self) -> list:
-        return self.pool.actors
+    def stop_fleet(self) -> None:
+        """A fleet the run started goes with it (on a shared cluster nothing of it may linger)."""
+        if self.owns_fleet and self.fleet is not None:
+            self.fleet.close()
+            self.fleet = None
 
-    def stop_actors(self) -> None:
-        """Kill every actor of the run that was started (on a shared cluster nothing of it may linger)."""
-        pool, reward, learners = (getattr(self, name, None) for name in ("pool", "reward", "learners"))
-        for actor in (pool.actors if pool else []) + ([reward.actor] if reward else []):
-            ray.kill(actor, no_restart=True)
-        if learners:
-            learners.kill()
-
-    def versions(self) -> list[int]:
-        return self.pool.call_all("weights_version")
-
-    # ---- what stage kinds call ---------------------------------------------------------------------
-    def _requests(self, problems: list[Problem]) -> list[RolloutRequest]:
-        return [RolloutRequest(p.id, render_prompt(self.processor, p.question, self.cfg.data.system_prompt),
-                               p.images) for p in problems]
-
+    # ---- what stage kinds call (services.stages.StageContext) ---------------------------------------
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
-        """Spread prompts over the rollout actors (a lost actor's share goes to the live ones); refuses to
-        roll out with mixed weight versions. Each shard has seeds of its own (request i of the step starts
-        at seed + i·n, wherever it runs)."""
-        versions = self.versions()
-        if len(set(versions)) != 1:
-            raise RuntimeError(f"rollout actors hold mixed weight versions {versions}; refusing to roll out")
-        shards = [s for s in _chunks(self._requests(problems), len(self.rollouts)) if s]
-        starts = [sum(len(s) for s in shards[:i]) for i in range(len(shards))]
-        calls = [(shard, sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + k * sampling.n))
-                 for shard, k in zip(shards, starts)]
-        return [t for part in self.pool.map("generate", calls) for t in part]
+        return self.fleet.generate(rollout_requests(self.processor, problems, self.cfg.data.system_prompt), sampling)
 
     def score(self, problems: dict[str, Problem], trajectories: list[Trajectory], draw: int = 0) -> list[RewardResult]:
-        requests = [ScoreRequest(t.response_text, problems[t.prompt_id].answer, problems[t.prompt_id].answer_type,
-                                 problems[t.prompt_id].options) for t in trajectories]
-        return self.reward.call("score_batch", requests, draw)
+        return self.fleet.score(score_requests(problems, trajectories), draw)
 
     def sft_sample(self, problem: Problem) -> TrainSample:
         """Prompt ids as the engine builds them (images expanded) and the problem's solution as target."""
@@ -270,29 +220,18 @@ class Controller:
                            problem.images)
 
     def train(self, samples: list[TrainSample]) -> dict[str, float]:
-        metrics = self.learners.train_step(shard_batch(samples, self.cfg.learner.num_ranks))
-        self.dirty = True
-        return metrics
+        return self.fleet.train(samples)
+
+    def versions(self) -> list[int]:
+        return self.fleet.versions()
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.trainer.seed
 
     def sync(self) -> dict[str, float]:
-        """Learner -> every rollout actor, then check the version landed everywhere and probe logprobs. A
-        rollout actor lost during the sync is replaced and every engine then gets every group as a new
-        version (some may already hold the half-delivered one)."""
-        start = time.time()
-        try:
-            version = self.learners.sync_weights(self.rollouts)
-        except ray.exceptions.RayTaskError as exc:  # rank 0 is alive; did an engine it sent to die?
-            if not actor_lost(exc.cause):
-                raise
-            self.log(f"[faults] a rollout actor was lost during the weight sync ({type(exc).__name__}); "
-                     "resending every group to every engine")
-            self.versions()  # replaces the lost actors (they come up with the base weights)
-            version = self.learners.sync_weights(self.rollouts, everything=True)
-        versions = self.versions()
-        if any(v != version for v in versions):
-            raise RuntimeError(f"weight sync to version {version} failed: actors report {versions}")
-        self.dirty, self.weights_version = False, version
-        metrics = {"sync/version": version, "timing_s/sync": time.time() - start}
+        """Learner -> every engine, then (every `probe_every`) the logprob probe on a fixed sequence."""
+        metrics = self.fleet.sync()
         if self.cfg.trainer.probe_every:
             metrics["sync/logprob_diff_max"] = self.probe()
         return metrics
@@ -302,22 +241,13 @@ class Controller:
         problem = self.probe_problem
         text = render_prompt(self.processor, problem.question, self.cfg.data.system_prompt)
         text += "<think>Let me look at the image.</think> \\boxed{1}" + self.processor.tokenizer.eos_token
-        learner_ids, learner_lp = self.learners.probe_logprobs(text, problem.images)
-        worst = 0.0
-        for ids, lp in self.pool.call_all("prompt_logprobs", text, problem.images):
-            if ids != learner_ids:
-                raise RuntimeError("probe: rollout engine and learner tokenised the probe differently")
-            worst = max(worst, max(abs(a - b) for a, b in zip(lp, learner_lp)))
-        return worst
-
-    def fault_metrics(self) -> dict[str, float]:
-        return {"actors/restarts": self.restarts.used, "actors/rollout_alive": count_alive(self.rollouts)}
+        return self.fleet.probe(text, problem.images)
 
     # ---- evaluation: the one judge -----------------------------------------------------------------
     def evaluate(self, problems: list[Problem]) -> EvalResult:
         """Held-out accuracy as `vireo eval` computes it (services.evaluation.evaluate_problems), with the
         rollout actors generating and the reward actor judging by the benchmark protocol."""
-        if self.dirty:
+        if self.fleet.dirty:
             self.sync()
         ev = self.cfg.evaluation
         options = EvalOptions(protocol=ev.protocol, mode=ev.mode, temperature=ev.temperature,
@@ -332,15 +262,13 @@ class Controller:
 
         _, summary = evaluate_problems(
             problems, generate,
-            lambda rows, protocol, mode: self.reward.call("score_benchmark", rows, protocol, mode), options)
-        ranks = self.cfg.learner.num_ranks
+            self.fleet.score_benchmark, options)
         own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses
                if t.response_token_ids]
-        figures = self.learners.evaluate_responses(shard_batch(own, ranks)) if own else {}
+        figures = self.fleet.evaluate_responses(own) if own else {}
         with_solution = [p for p in problems if p.solution]
         if with_solution:  # the validation loss: NLL of the held-out reference solutions
-            solutions = shard_batch([self.sft_sample(p) for p in with_solution], ranks)
-            figures["sft_loss"] = self.learners.evaluate_responses(solutions)["loss"]
+            figures["sft_loss"] = self.fleet.evaluate_responses([self.sft_sample(p) for p in with_solution])["loss"]
         return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                           unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
                           by_subject={s: v["acc"] for s, v in summary["subjects"].items()},
@@ -387,7 +315,7 @@ class Controller:
                  + f", {cfg.rollout.num_actors} rollout actors, {cfg.learner.num_ranks} learner ranks")
         previous = self._install_signal_handlers()
         try:
-            self.start_actors(model_path=self.last_checkpoint)
+            self.start_fleet(self.last_checkpoint or cfg.model.path)
             report = state["report"] if state else self._begin_report(plans)
             step = state["global_step"] if state else 0
             for index, plan in enumerate(plans):
@@ -404,17 +332,13 @@ class Controller:
             report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
             self._write_report(report)
         except ActorFailure as failure:
-            self.stop_actors()
             raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:
                 raise
-            self.stop_actors()
             raise RunStopped(f"an actor could not start: {exc}", 1) from None
-        except RunStopped:
-            self.stop_actors()
-            raise
         finally:
+            self.stop_fleet()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.tracker.close()  # after the final report: MLflow logs it as an artifact
@@ -426,87 +350,84 @@ class Controller:
         report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
         return report
 
-    def begin_stage(self, index: int, plan: StagePlan, resume: dict | None = None) -> tuple[StageKind, EndRule, dict[str, int]]:
+    def begin_stage(self, index: int, plan: StagePlan, resume: dict | None = None) -> tuple[StageState, dict[str, int]]:
         """The stage's kind (with its seeded data sampler) and end rule; the learner rebuilds its engine
         for the stage's trainable groups (returned with their parameter counts). Resuming inside the stage,
         the sampler, the end rule and the optimiser continue from the checkpoint, and the KL reference is
         the stage's starting weights, read from where they were saved."""
         sampler = MixSampler(plan.sources, plan.weights, self.cfg.trainer.seed * 1_000 + index)
-        kind = plan.kind(self, plan.cfg, sampler)
-        end = EndRule(plan.cfg.end, plan.steps_per_epoch)
+        stage = StageState(index, plan.kind(self, plan.cfg, sampler), EndRule(plan.cfg.end, plan.steps_per_epoch))
         if resume:
-            sampler.load_state(resume["sampler"])
-            end.load_state(resume["end_rule"])
+            stage.load_state(resume)
             self.stage_start_model = resume["stage_start_model"]
         else:
             self.stage_start_model = self.last_checkpoint or self.cfg.model.path
-        trainable = self.learners.begin_stage(kind.spec(end.limit), self.stage_start_model if resume else None)
+        trainable = self.fleet.begin_stage(stage.kind.spec(stage.end.limit), self.stage_start_model if resume else None)
         if resume:
-            self.learners.load_training_state(self.last_checkpoint)
-        return kind, end, trainable
+            self.fleet.load_training_state(self.last_checkpoint)
+        return stage, trainable
 
     def run_stage(self, index: int, plan: StagePlan, start_step: int, report: dict, resume: dict | None = None) -> int:
         """One stage from its first step (or the checkpoint's) to its end rule; returns the run's step
         count after it. A checkpoint is taken after a step is complete: its evaluation done and its row
         logged, so a resumed run neither repeats nor skips one."""
         cfg = plan.cfg
-        kind, end, trainable = self.begin_stage(index, plan, resume)
-        step = resume["stage_step"] if resume else 0
-        started = time.time() - (resume["stage_seconds"] if resume else 0.0)
+        stage, trainable = self.begin_stage(index, plan, resume)
+        end = stage.end
+        stage.first_step = start_step - stage.step  # the run's step count when the stage began
         if resume:
-            self.log(f"[stage] {cfg.name} ({cfg.kind}) resumes after step {start_step} ({step} of its steps done)")
+            self.log(f"[stage] {cfg.name} ({cfg.kind}) resumes after step {start_step} ({stage.step} of its steps done)")
         else:
             self.log(f"[stage] {cfg.name} ({cfg.kind}) starts at step {start_step}: trains {', '.join(cfg.trainable)} "
                      f"({sum(trainable.values()):,} parameters), lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
                      f"at most {end.limit} steps ({end.limit_reason})")
             self.tracker.log(start_step, {"event": "stage_start", "stage": cfg.name, "stage_index": index})
-        start_step -= step  # the run's step count when the stage began
         reason = None
         while reason is None:
-            step += 1
-            metrics = kind.step(step, start_step + step)
+            stage.step += 1
+            step = stage.step
+            metrics = stage.kind.step(step, stage.global_step)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
-            metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": kind.sampler.epochs,
-                            **self.fault_metrics()})
+            metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": stage.kind.sampler.epochs,
+                            **self.fleet.fault_metrics()})
             reason = end.after_step(step, metrics)
-            name = f"{cfg.name}-step{start_step + step}"
+            name = f"{cfg.name}-step{stage.global_step}"
             save = bool(cfg.save_every and step % cfg.save_every == 0 and reason is None)
             if cfg.eval_every and step % cfg.eval_every == 0 and reason is None:
-                metrics.update(self.evaluate_heldout(f"{cfg.name} step {step}", start_step + step, cfg.name,
+                metrics.update(self.evaluate_heldout(f"{cfg.name} step {step}", stage.global_step, cfg.name,
                                                      plan.heldout, report, str(self.store.path(name)) if save else None))
                 reason = end.after_eval(metrics)
-            self.tracker.log(start_step + step, {"stage": cfg.name, **metrics})
-            self.progress.update(cfg.name, cfg.kind, step, end.limit, metrics, started, done=reason is not None)
+            self.tracker.log(stage.global_step, {"stage": cfg.name, **metrics})
+            self.progress.update(cfg.name, cfg.kind, step, end.limit, metrics, stage.started, done=reason is not None)
             if save or (self.stop_requested and reason is None):
-                self._save(name, index, step, start_step + step, kind, end, report, started, done=False)
+                self._save(name, stage, report, done=False)
             if self.stop_requested and reason is None:
-                raise RunStopped(self._stopped_message(start_step + step), EXIT_INTERRUPTED)
+                raise RunStopped(self._stopped_message(stage.global_step), EXIT_INTERRUPTED)
         checkpoint = str(self.store.path(cfg.name))
-        final = self.evaluate_heldout(f"{cfg.name} end", start_step + step, cfg.name, plan.heldout, report,
+        final = self.evaluate_heldout(f"{cfg.name} end", stage.global_step, cfg.name, plan.heldout, report,
                                       checkpoint)
-        self.tracker.log(start_step + step, {"stage": cfg.name, "event": "stage_end", "reason": reason, **final})
+        self.tracker.log(stage.global_step, {"stage": cfg.name, "event": "stage_end", "reason": reason, **final})
         report["stages"].append({
-            "name": cfg.name, "kind": cfg.kind, "start_step": start_step, "end_step": start_step + step,
+            "name": cfg.name, "kind": cfg.kind, "start_step": stage.first_step, "end_step": stage.global_step,
             "end_reason": reason, "end_detail": end.detail, "trainable": list(cfg.trainable),
             "heldout_accuracy": final.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan")),
             "critical_entropy": final.get(f"eval/{PRIMARY_HELDOUT}/critical_entropy", float("nan")),
-            "checkpoint": checkpoint, "seconds": round(time.time() - started, 1)})
-        self.log(f"[stage] {cfg.name} ended at step {start_step + step} after {step} steps: {reason} ({end.detail})")
-        self._save(cfg.name, index, step, start_step + step, kind, end, report, started, done=True)
-        return start_step + step
+            "checkpoint": checkpoint, "seconds": round(time.time() - stage.started, 1)})
+        self.log(f"[stage] {cfg.name} ended at step {stage.global_step} after {stage.step} steps: {reason} "
+                 f"({end.detail})")
+        self._save(cfg.name, stage, report, done=True)
+        return stage.global_step
 
     # ---- checkpoints, resume and stopping ------------------------------------------------------------
-    def _save(self, name: str, index: int, stage_step: int, global_step: int, kind: StageKind, end: EndRule,
-              report: dict, started: float, done: bool) -> str:
+    def _save(self, name: str, stage: StageState, report: dict, done: bool) -> str:
         """A resumable checkpoint (services/checkpoints.py): the learner's weights and optimiser, then the
-        controller's state; retention runs after it is in place."""
+        run's state; retention runs after it is in place."""
         tmp = self.store.begin(name)
-        self.learners.save_training_state(str(tmp))
-        state = {"stage_index": index, "stage_name": self.cfg.stages[index].name, "stage_step": stage_step,
-                 "global_step": global_step, "stage_done": done, "sampler": kind.sampler.state(),
-                 "end_rule": end.state(), "report": report, "skipped": dict(self.skipped),
-                 "weights_version": self.weights_version, "dirty": self.dirty, "metrics_rows": self.tracker.jsonl.rows,
-                 "stage_seconds": time.time() - started, "stage_start_model": self.stage_start_model,
+        self.fleet.save_training_state(str(tmp))
+        state = {**stage.state(), "stage_name": self.cfg.stages[stage.index].name, "stage_done": done,
+                 "report": report, "skipped": dict(self.skipped), "weights_version": self.fleet.version,
+                 "dirty": self.fleet.dirty, "restarts_used": self.budget.used,
+                 "metrics_rows": self.tracker.jsonl.rows, "stage_start_model": self.stage_start_model,
                  "rng": {"python": random.getstate(),
                          "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}}
         path = self.store.commit(name, tmp, json.loads(json.dumps(state)))
@@ -519,12 +440,13 @@ class Controller:
         return str(path)
 
     def _restore(self, state: dict) -> None:
-        """The controller's side of a checkpoint (the actors start from its weights)."""
+        """The run's side of a checkpoint (the fleet takes its weights); the restart budget goes on."""
         version, internal, gauss = state["rng"]["python"]
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"]["torch"])), dtype=torch.uint8))
         self.skipped = Counter(state["skipped"])
         self.weights_version, self.dirty = state["weights_version"], state["dirty"]
+        self.budget = RestartBudget(self.cfg.faults.max_restarts, state["restarts_used"])
 
     def _install_signal_handlers(self) -> dict:
         """SIGINT/SIGTERM (Ctrl-C, `ray job stop`): finish the step, checkpoint, stop; again: stop now."""
