@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from services.config import load_config, resume_config
 from services.controller import Controller, RunStopped
-from services.tracking import read_metrics
+from services.run_dir import read_jsonl
 
 SHORT_DEMO = ["data.n_train=96", "data.n_heldout=16", "evaluation.max_tokens=16", "reward.workers=1",
               "rollout.num_actors=1", "learner.optim.micro_batch_size=16", "stages.coldstart.end.max_steps=40",
@@ -33,7 +33,7 @@ class KillsLearnerRank(Controller):
     """Learner rank 1 dies (ray.kill, as a lost node) as the update of the step after KILL_AFTER_STEP starts."""
 
     def train(self, samples):
-        if read_metrics(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
+        if read_jsonl(self.tracker.jsonl.path)[-1]["step"] == KILL_AFTER_STEP:
             ray.kill(self.learners.actors[1])
         return super().train(samples)
 
@@ -71,7 +71,7 @@ def test_a_lost_learner_rank_fails_fast_naming_it_and_the_checkpoint(straight_an
 
 def test_killed_and_resumed_equals_straight(straight_and_resumed):
     tmp, straight, resumed, *_ = straight_and_resumed
-    a, b = read_metrics(tmp / "straight" / "metrics.jsonl"), read_metrics(tmp / "killed" / "metrics.jsonl")
+    a, b = read_jsonl(tmp / "straight" / "metrics.jsonl"), read_jsonl(tmp / "killed" / "metrics.jsonl")
     steps = [r["step"] for r in b if "event" not in r]
     assert steps == STEPS  # no step lost, none repeated
     grpo = [r for r in a if r.get("stage") == "grpo" and "event" not in r]
@@ -93,12 +93,12 @@ def test_resume_on_another_learner_world_size(straight_and_resumed):
     cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1"])
     report = _run(Controller, cfg, tmp / "killed-copy")
     assert [s["end_step"] for s in report["stages"]] == [s["end_step"] for s in straight["stages"]]
-    rows = [r for r in read_metrics(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
+    rows = [r for r in read_jsonl(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in rows] == STEPS
     # the weights and the gathered optimiser state continue the same run: the first step after the resume
     # (weights) and the one after it (weights moved by the restored AdamW moments) match the 2-rank run up
     # to float summation order
-    two = {r["step"]: r for r in read_metrics(tmp / "straight" / "metrics.jsonl") if "event" not in r}
+    two = {r["step"]: r for r in read_jsonl(tmp / "straight" / "metrics.jsonl") if "event" not in r}
     for step in (KILL_AFTER_STEP, KILL_AFTER_STEP + 1):
         one = next(r for r in rows if r["step"] == step)
         for key in ("actor/loss", "actor/grad_norm"):
