@@ -7,7 +7,7 @@ Nothing here touches the network, the optimizer or ``torch.distributed``; the
 learner does the all-reduces, these functions only return the *local* pieces
 (sums and counts) that make a global reduction exact.
 
-Recipe (Skywork-R1V3, P3 §3.3, see ``shared/reference/r1v3-paper.md`` §2.4):
+Recipe (Skywork-R1V3, arXiv 2507.06167, P3 §3.3 "RL Implementation Details"):
 GRPO group-normalised advantages, PPO clipped surrogate with a symmetric clip of
 0.2, no KL penalty, one gradient step per episode (strictly on-policy, ratio = 1).
 

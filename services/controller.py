@@ -1,6 +1,6 @@
 """The controller: the single driver of a run. A run is a list of stages (services.stages); the
 controller owns the stage loop, the data, checkpoints, evaluations and metrics, and never holds model
-weights (DESIGN.md). Data flows one way:
+weights (the learner ranks and the rollout engines do). Data flows one way:
 controller -> rollout actors -> reward actor -> controller (advantages) -> learner group -> weights back.
 """
 from __future__ import annotations
