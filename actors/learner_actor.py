@@ -41,9 +41,6 @@ class LearnerActor:
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return self.worker.probe_logprobs(text, images)
 
-    def save_hf(self, out_dir: str) -> None:
-        self.worker.save_hf(out_dir)
-
     def save_training_state(self, out_dir: str) -> None:
         self.worker.save_training_state(out_dir)
 
@@ -140,9 +137,6 @@ class LearnerGroup:
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return self._same("probe_logprobs", text, images)[0]
-
-    def save_hf(self, out_dir: str) -> None:
-        self._same("save_hf", out_dir)
 
     def save_training_state(self, out_dir: str) -> None:
         self._same("save_training_state", out_dir)

@@ -19,6 +19,3 @@ class RewardActor:
         """Held-out rows judged by the benchmark protocol (the same code as `vireo eval`), in this
         actor's sandbox pool."""
         return score_rows(rows, protocol, mode, timeout_s=self.scorer.config.timeout_s, scorer=self.scorer)
-
-    def close(self) -> None:
-        self.scorer.close()

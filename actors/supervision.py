@@ -1,8 +1,9 @@
 """Keeping actors alive: every remote call has a deadline, and a rollout or reward actor that dies or hangs
 is replaced while its work goes to the live ones. Learner ranks are not replaced (their optimiser state is
 sharded across the group): a lost rank fails the run fast, naming it, and the run resumes from its last
-checkpoint. The public frameworks mostly let the first dead actor end the job with a raw traceback
-(shared/reference/rl-frameworks.md)."""
+checkpoint. The public frameworks mostly let the first dead actor end the job with a raw traceback (in
+verl, EasyR1, OpenRLHF and ROLL a dead vLLM actor is a RayActorError out of the driver's ray.get, e.g.
+verl issue #2856)."""
 from __future__ import annotations
 
 import time

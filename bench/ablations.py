@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.learning import start_ray, vireo_train
-from services.tracking import read_metrics
+from services.run_dir import METRICS_FILE, REPORT_FILE, read_jsonl
 
 ABLATIONS = "configs/ablations"
 # name -> (config, overrides, checkpoint of the proof run it starts from)
@@ -45,10 +45,10 @@ ARMS: dict[str, tuple[str, list[str], str]] = {
 def summarise(run: Path) -> dict:
     """Held-out accuracy per evaluation (step within the run, overall and by subject) and the training
     signals the paper reads (reward, gradient norm)."""
-    report = json.loads((run / "report.json").read_text())
+    report = json.loads((run / REPORT_FILE).read_text())
     evals = [{"step": ev["step"], "stage": ev["stage"] or "(start)", "accuracy": ev["accuracy"],
               "by_subject": ev["by_subject"]} for ev in report["eval"] if ev["set"] == "heldout"]
-    steps = [m for m in read_metrics(run / "metrics.jsonl") if "actor/loss" in m]
+    steps = [m for m in read_jsonl(run / METRICS_FILE) if "actor/loss" in m]
     rewards = [m["reward/mean"] for m in steps if "reward/mean" in m]
     norms = [m["actor/grad_norm"] for m in steps if not math.isnan(m.get("actor/grad_norm", math.nan))]
     return {"run": str(run), "evals": evals, "reward_last5": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,

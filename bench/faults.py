@@ -20,7 +20,7 @@ import ray
 
 from services.config import load_config
 from services.controller import Controller
-from services.tracking import read_metrics
+from services.run_dir import METRICS_FILE, read_jsonl
 
 
 class KillsRolloutActors(Controller):
@@ -52,7 +52,7 @@ def run(every: int, steps: int, coldstart: int, out: Path) -> dict:
     finally:
         controller.stop_actors()
     grpo = next(s for s in report["stages"] if s["name"] == "grpo")
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("stage") == "grpo" and "reward/mean" in r]
+    rows = [r for r in read_jsonl(out / METRICS_FILE) if r.get("stage") == "grpo" and "reward/mean" in r]
     steps_seen = [r["step"] for r in rows]
     expected = list(range(grpo["start_step"] + 1, grpo["end_step"] + 1))
     return {"seconds": grpo["seconds"], "kills": controller.kills, "restarts": rows[-1]["actors/restarts"],

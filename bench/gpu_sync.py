@@ -25,7 +25,7 @@ from contextlib import suppress
 import torch
 
 from bench.layers import layer_shapes
-from rollout.process_link import ProcessLink, random_weights
+from bench.process_link import ProcessLink, random_weights
 from rollout.weight_transport import make_transport
 
 HIDDEN = 2048

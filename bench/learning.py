@@ -31,6 +31,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from services.run_dir import CHECKPOINTS_DIR, DATA_DIR, REPORT_FILE
+
 GRPO_STAGE = "grpo"
 COLDSTART_STAGE = "coldstart"
 
@@ -95,9 +97,9 @@ def control_config(proof_config: Path, run_dir: Path, seed: int, out: Path) -> P
     cfg = OmegaConf.load(proof_config)
     cfg.name = f"{cfg.name}-control"
     cfg.stages = [s for s in cfg.stages if s.name == GRPO_STAGE]
-    cfg.model.path = str(run_dir / "checkpoints" / COLDSTART_STAGE)
-    cfg.data.train = str(run_dir / "data" / "train.parquet")
-    cfg.data.heldout = str(run_dir / "data" / "heldout.parquet")
+    cfg.model.path = str(run_dir / CHECKPOINTS_DIR / COLDSTART_STAGE)
+    cfg.data.train = str(run_dir / DATA_DIR / "train.parquet")
+    cfg.data.heldout = str(run_dir / DATA_DIR / "heldout.parquet")
     cfg.reward = {"kind": "random", "seed": seed}
     OmegaConf.save(cfg, out)
     return out
@@ -162,7 +164,7 @@ def run_seeds(args, seeds: list[int], control_seeds: list[int], out: Path, start
     for seed in seeds:
         seed_keys = [f"model.seed={seed}", f"data.seed={seed}", f"trainer.seed={seed}"]
         run = vireo_train(args.config, [*seed_keys, *args.overrides], out / f"seed{seed}.log", out)
-        report = json.loads((run / "report.json").read_text())
+        report = json.loads((run / REPORT_FILE).read_text())
         cold, curve = coldstart_eval(report), grpo_curve(report)
         final_step = max(curve)
         gains[seed] = 100 * (curve[final_step]["accuracy"] - cold["accuracy"])
@@ -171,7 +173,7 @@ def run_seeds(args, seeds: list[int], control_seeds: list[int], out: Path, start
         if seed in control_seeds:
             config = control_config(Path(args.config), run, seed, out / f"control-seed{seed}.yaml")
             crun = vireo_train(config, [*seed_keys, *args.overrides], out / f"control-seed{seed}.log", out)
-            creport = json.loads((crun / "report.json").read_text())
+            creport = json.loads((crun / REPORT_FILE).read_text())
             ccurve = grpo_curve(creport)
             if final_step not in ccurve:
                 raise SystemExit(f"control run {crun} has no evaluation at GRPO step {final_step}")

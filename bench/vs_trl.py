@@ -309,15 +309,16 @@ def warm_model(a: argparse.Namespace, out: Path) -> tuple[str, Path]:
     """vireo's own warm-up (SFT) of the embedded default, once; its checkpoint is every run's start."""
     from services.config import load_config
     from services.controller import Controller
+    from services.run_dir import DATA_DIR, REPORT_FILE
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"stages.coldstart.end.max_steps={a.warm_steps}",
                                                            "evaluation.limit=1"])
     cfg.stages = cfg.stages[:1]
-    done = out / "report.json"
+    done = out / REPORT_FILE
     report = json.loads(done.read_text()) if done.is_file() else {}
     if "final_checkpoint" not in report:
         report = Controller(cfg, out, log=lambda *_: None).run()
-    return report["final_checkpoint"], out / "data"
+    return report["final_checkpoint"], out / DATA_DIR
 
 
 def worker(a: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ Nothing here touches the network, the optimizer or ``torch.distributed``; the
 learner does the all-reduces, these functions only return the *local* pieces
 (sums and counts) that make a global reduction exact.
 
-Recipe (Skywork-R1V3, P3 §3.3, see ``shared/reference/r1v3-paper.md`` §2.4):
+Recipe (Skywork-R1V3, arXiv 2507.06167, P3 §3.3 "RL Implementation Details"):
 GRPO group-normalised advantages, PPO clipped surrogate with a symmetric clip of
 0.2, no KL penalty, one gradient step per episode (strictly on-policy, ratio = 1).
 
@@ -62,7 +62,6 @@ __all__ = [
     "ppo_clip",
     "sft",
     "aggregate_loss",
-    "loss_normalizers",
     "k1",
     "k2",
     "k3",
@@ -72,7 +71,6 @@ __all__ = [
     "entropy_from_logits",
     "logprobs_from_logits",
     "critical_token_entropy",
-    "reduce_stat",
 ]
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -180,14 +178,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | Sequence[int] | None = None)
     return num / den.clamp(min=torch.finfo(num.dtype).tiny if num.is_floating_point() else 1)
 
 
-def reduce_stat(pair: StatPair) -> float:
-    """Local value of a (sum, count) stat (0 for an empty count); after the caller
-    all-reduces both entries this gives the global value."""
-    s, c = pair
-    c = float(c)
-    return float(s) / c if c > 0 else 0.0
-
-
 # --------------------------------------------------------------------------- advantages
 
 
@@ -275,19 +265,6 @@ def expand_to_tokens(advantages: Tensor, response_mask: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- loss aggregation
-
-
-def loss_normalizers(response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Local (token_count, seq_count) of a (micro-)batch, as float 0-d tensors.
-
-    The learner sums these over **all micro-batches and all ranks** of the
-    training batch (one all-reduce) before the first backward and passes the
-    results as ``loss_token_count`` / ``loss_seq_count``.  ``seq_count`` counts
-    sequences with at least one response token (an empty response contributes 0
-    to the seq-mean-token-mean numerator, so it must not count in the denominator).
-    """
-    m = response_mask != 0
-    return m.sum().to(torch.float64), m.any(dim=-1).sum().to(torch.float64)
 
 
 def _normaliser(count: float | Tensor, like: Tensor) -> Tensor:
@@ -383,8 +360,8 @@ def ppo_clip(
     * ``ppo_kl``: (Σ old - new, #tokens), the k1 estimate of KL(π_old‖π_θ);
     * ``ratio_mean``: (Σ ρ, #tokens).
 
-    The ``*_pair`` stats are (sum, count) over the *local* response tokens; use
-    :func:`reduce_stat` after an all-reduce of both entries.
+    The ``*_pair`` stats are (sum, count) over the *local* response tokens: the
+    global value is sum / count after an all-reduce of both entries.
     """
     if not (logprobs.shape == old_logprobs.shape == advantages.shape == response_mask.shape):
         raise ValueError(
@@ -577,7 +554,7 @@ def critical_token_entropy(
     word (" Wait", "Wait", " wait", ...): the first sub-token is where the
     choice is made.  Only positions with ``response_mask`` set count.  Returns
     detached float64 (sum, count) so the caller can all-reduce both and report
-    the mean over all occurrences (:func:`reduce_stat`).
+    the mean over all occurrences (sum / count).
     """
     if not (entropy.shape == token_ids.shape == response_mask.shape):
         raise ValueError("entropy, token_ids and response_mask must share a shape")

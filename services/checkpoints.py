@@ -16,10 +16,11 @@ checkpoint, and whatever `latest` names.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.run_dir import fsync_path, write_atomic
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -34,25 +35,6 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_best: int = 2
     select_by: str = "critical_entropy"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write, fsync, rename over `path`, fsync the directory: readers see the old text or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_path(path.parent)
 
 
 class CheckpointStore:
@@ -75,10 +57,7 @@ class CheckpointStore:
     def commit(self, name: str, tmp: Path, state: dict) -> Path:
         """Add the controller's state, make every byte durable, move the checkpoint into place, then
         point `latest` at it."""
-        with (tmp / STATE_FILE).open("w", encoding="utf-8") as f:
-            json.dump(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_atomic(tmp / STATE_FILE, json.dumps(state))
         for file in tmp.rglob("*"):
             if file.is_file():
                 fsync_path(file)
@@ -90,7 +69,7 @@ class CheckpointStore:
             shutil.rmtree(aside)
         tmp.rename(final)
         fsync_path(self.root)
-        atomic_write_text(self.root / LATEST, name)
+        write_atomic(self.root / LATEST, name)
         return final
 
     def latest(self) -> tuple[Path, dict] | None:

@@ -31,6 +31,7 @@ def _train(args) -> int:
     from services.config import ConfigError, load_config, resume_config
     from services.run import Run, RunStopped, stage_table
     from services.data.loading import DataError
+    from services.run_dir import CONFIG_FILE
     from services.selection import format_ranking
 
     if args.config and "=" in args.config and not Path(args.config).is_file():  # `vireo train key=value …`
@@ -39,10 +40,10 @@ def _train(args) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out_dir) / (
             cfg.tracking.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "config.yaml").is_file():  # a run lives there: resume it, with its own config
+        if (run_dir / CONFIG_FILE).is_file():  # a run lives there: resume it, with its own config
             if not cfg.resume:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
-            cfg = resume_config(run_dir / "config.yaml", args.overrides)
+            cfg = resume_config(run_dir / CONFIG_FILE, args.overrides)
         report = Run(cfg, run_dir).run()  # its fleet goes with it, also when the driver lives on
     except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
         print(f"vireo train: {exc}", file=sys.stderr)

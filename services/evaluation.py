@@ -16,7 +16,8 @@ from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from rollout.vllm_adapter import EngineOptions
 from services.data.loading import load_problems
 from services.data.problems import Problem
-from services.scoring import format_summary, progress_bar, write_jsonl, write_text
+from services.run_dir import write_atomic
+from services.scoring import clean_text, format_summary, progress_bar, write_jsonl
 
 
 @dataclass
@@ -107,7 +108,7 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "results.jsonl", ({k: row.get(k) for k in ("id", "subject", "response", "pred", "correct",
                                                                      "reason", "answer")} for row in rows))
-        write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+        write_atomic(out / "summary.json", clean_text(json.dumps(summary, indent=1, ensure_ascii=False)))
     return summary
 
 

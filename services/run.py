@@ -22,7 +22,7 @@ from learner.types import TrainSample
 from reward.types import RewardResult
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import SamplingConfig, Trajectory
-from services.checkpoints import CheckpointStore, atomic_write_text
+from services.checkpoints import CheckpointStore
 from services.config import RunConfig, StageConfig, to_yaml
 from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
@@ -32,7 +32,9 @@ from services.fleet import Fleet
 from services.progress import StageProgress
 from services.selection import checkpoint_ranking, selection_summary
 from services.stages import EndRule, StageKind, get_stage_kind
-from services.tracking import read_metrics, start_tracker
+from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
+                              read_jsonl, write_atomic)
+from services.tracking import start_tracker
 
 EXIT_INTERRUPTED = 130
 
@@ -133,18 +135,18 @@ class Run:
         if not cfg.data.train:
             from services.data.synthetic import make_dataset
 
-            data = _built_once(self.run_dir / "data", lambda out: make_dataset(
+            data = _built_once(self.run_dir / DATA_DIR, lambda out: make_dataset(
                 out, cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks, image_size=cfg.data.image_size,
                 seed=cfg.data.seed))
             cfg.data.train = str(data / "train.parquet")
             cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
         plans = [self._plan(stage) for stage in cfg.stages]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_text)
+        write_atomic(self.run_dir / CONFIG_FILE, config_text)
         if not cfg.model.path:
             from learner.model_factory import make_model
 
-            cfg.model.path = str(_built_once(self.run_dir / "model",
+            cfg.model.path = str(_built_once(self.run_dir / MODEL_DIR,
                                              lambda out: make_model(out, cfg.model.arch, cfg.model.seed)))
         self.load_processor()
         self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
@@ -302,7 +304,7 @@ class Run:
         it and the checkpoint to resume from."""
         cfg = self.cfg
         plans = self.prepare()
-        self.store = CheckpointStore(self.run_dir / "checkpoints", cfg.checkpoint)
+        self.store = CheckpointStore(self.run_dir / CHECKPOINTS_DIR, cfg.checkpoint)
         latest = self.store.latest()
         state = latest[1] if latest else None
         self.tracker = start_tracker(cfg, self.run_dir, self.log, state["metrics_rows"] if state else None)
@@ -328,7 +330,7 @@ class Run:
             last = report["stages"][-1]
             report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                            "data_skipped": dict(self.skipped)})
-            selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
+            selection = selection_summary(report, read_jsonl(self.run_dir / METRICS_FILE))
             report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
             self._write_report(report)
         except ActorFailure as failure:
@@ -432,7 +434,7 @@ class Run:
                          "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}}
         path = self.store.commit(name, tmp, json.loads(json.dumps(state)))
         self.last_checkpoint = str(path)
-        ranking = checkpoint_ranking(report, read_metrics(self.run_dir / "metrics.jsonl"), self.cfg.checkpoint.select_by)
+        ranking = checkpoint_ranking(report, read_jsonl(self.run_dir / METRICS_FILE), self.cfg.checkpoint.select_by)
         deleted = self.store.prune(ranking, {s.name for s in self.cfg.stages})
         if deleted:
             self.log(f"[checkpoint] retention removed {', '.join(deleted)}")
@@ -475,7 +477,7 @@ class Run:
     def _write_report(self, report: dict) -> None:
         """report.json is rewritten after every evaluation and checkpoint, so a run that fails later keeps
         its evaluations."""
-        atomic_write_text(self.run_dir / "report.json", json.dumps(report, indent=1))
+        write_atomic(self.run_dir / REPORT_FILE, json.dumps(report, indent=1))
 
 
 def _built_once(out: Path, build) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 
 from reward import mmmu
 from reward.benchmark import DEFAULT_VARIANT, PROTOCOLS, Progress, score_rows
+from services.run_dir import read_jsonl, write_atomic
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -27,35 +28,9 @@ def clean_text(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write clean_text(text) to a temporary file, then rename it over path: a failure part-way leaves
-    the previous file (or none), never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(clean_text(text), encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    """One JSON value per line, through write_text."""
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
-def read_jsonl(path: str | Path) -> list[Any]:
-    """The rows of a JSONL file; a line that is not valid JSON (or nested past the parser's depth limit) is
-    kept as its text (then skipped). Bytes that are not UTF-8 are read as U+FFFD."""
-    rows: list[Any] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except (ValueError, RecursionError):
-                    rows.append(line.rstrip("\n"))
-    return rows
+    """One JSON value per line, written whole or not at all (a failure part-way leaves the previous file)."""
+    write_atomic(path, clean_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)))
 
 
 def score_file(
@@ -70,7 +45,7 @@ def score_file(
 ) -> dict[str, Any]:
     """Score a JSONL file of responses; write the scored rows to out_path when given; return the summary."""
     scored, summary = score_rows(
-        read_jsonl(in_path), protocol, mode, variant=variant, timeout_s=timeout_s, progress=progress
+        read_jsonl(in_path, keep_unparsed=True), protocol, mode, variant=variant, timeout_s=timeout_s, progress=progress
     )
     if out_path is not None:
         write_jsonl(out_path, scored)

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from services.tracking import read_metrics
+from services.run_dir import METRICS_FILE, REPORT_FILE, SELECTION_FILE, read_jsonl, write_atomic
 
 CRITERIA = ("critical_entropy", "heldout_accuracy", "reward")
 REWARD_WINDOW = 5  # training steps up to a checkpoint whose mean reward/mean it is credited with
@@ -56,12 +56,12 @@ def selection_summary(report: dict, metrics: list[dict], by: str = "critical_ent
 def select_checkpoint(run_dir: str | Path, by: str = "critical_entropy") -> dict:
     """Rank RUN_DIR's checkpoints; writes RUN_DIR/selection.json and returns it."""
     run_dir = Path(run_dir)
-    if not (run_dir / "report.json").is_file():
-        raise FileNotFoundError(f"{run_dir} holds no report.json (not a vireo run directory?)")
-    report = json.loads((run_dir / "report.json").read_text())
-    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    if not (run_dir / REPORT_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {REPORT_FILE} (not a vireo run directory?)")
+    report = json.loads((run_dir / REPORT_FILE).read_text())
+    metrics = read_jsonl(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
     summary = selection_summary(report, metrics, by)
-    (run_dir / "selection.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(run_dir / SELECTION_FILE, json.dumps(summary, indent=1))
     return summary
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from services.run_dir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, REPORT_FILE, write_atomic
+
 if TYPE_CHECKING:
     from services.config import RunConfig
 
@@ -55,7 +57,7 @@ class JsonlBackend:
     checkpoint had seen: rows written after it (the steps the run repeats) go, so no step appears twice."""
 
     def start(self, run: RunContext) -> None:
-        self.path = run.run_dir / "metrics.jsonl"
+        self.path = run.run_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows = truncate_rows(self.path, run.resumed_rows or 0)
         self._file = self.path.open("a", encoding="utf-8")
@@ -90,9 +92,7 @@ def truncate_rows(path: Path, keep: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, "".join(lines))
     return len(lines)
 
 
@@ -105,10 +105,6 @@ def start_tracker(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pr
     for backend in backends:
         backend.start(run)
     return Tracker(backends)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -325,8 +321,8 @@ class MlflowBackend:
         from services.runs import plot_runs
 
         run_dir = self.run.run_dir
-        plot_runs(self.client, [self.run_uuid], run_dir / "curves.png")
-        for name in ("config.yaml", "report.json", "curves.png"):
+        plot_runs(self.client, [self.run_uuid], run_dir / CURVES_FILE)
+        for name in (CONFIG_FILE, REPORT_FILE, CURVES_FILE):
             if (run_dir / name).is_file():
                 self.client.log_artifact(self.run_uuid, str(run_dir / name))
         self.client.set_terminated(self.run_uuid, "FINISHED")

@@ -23,14 +23,19 @@ from learner.algos import (
     grpo,
     kl_penalty,
     logprobs_from_logits,
-    loss_normalizers,
     masked_mean,
     masked_sum,
     ppo_clip,
-    reduce_stat,
 )
 
 ATOL = 1e-6
+
+
+def _counts(mask):
+    """(response tokens, non-empty responses) of a micro-batch: what the learner all-reduces into
+    loss_token_count / loss_seq_count (learner/worker.py)."""
+    m = mask != 0
+    return m.sum().to(torch.float64), m.any(dim=-1).sum().to(torch.float64)
 
 
 def _close(a, b, atol=ATOL):
@@ -202,8 +207,8 @@ def test_ppo_clip_asymmetric_hand_values_and_stats():
     _close(st["pg_loss"], 1.07 / 6)
     assert [float(v) for v in st["pg_clipfrac"]] == [2.0, 6.0]
     assert [float(v) for v in st["pg_clipfrac_lower"]] == [0.0, 6.0]
-    _close(reduce_stat(st["ppo_kl"]), 0.495321 / 6, atol=1e-6)
-    _close(reduce_stat(st["ratio_mean"]), 6.05 / 6)
+    _close(st["ppo_kl"][0] / st["ppo_kl"][1], 0.495321 / 6, atol=1e-6)
+    _close(st["ratio_mean"][0] / st["ratio_mean"][1], 6.05 / 6)
     # gradient dℓ/dlogp = -A·ρ/N on unclipped tokens, 0 on clipped ones:
     #   row 0: 0, -0.5/6, +2/6 ; row 1: -1.25/6, 0, +1.3/6
     loss.backward()
@@ -324,7 +329,7 @@ def test_micro_batch_and_rank_split_is_invariant(mode, split):
 
     # Reference: the whole batch at once, normalised by its own counts.
     full_lp = lp0.clone().requires_grad_(True)
-    tok, seq = loss_normalizers(mask)
+    tok, seq = _counts(mask)
     assert (float(tok), float(seq)) == (35.0, 8.0)  # 7+1+4+6+2+5+3+7
     full_loss, full_st = ppo_clip(full_lp, old, adv, mask, loss_token_count=tok, loss_seq_count=seq, **kw)
     full_loss.backward()
@@ -332,7 +337,7 @@ def test_micro_batch_and_rank_split_is_invariant(mode, split):
 
     # Global counts = sum of the per-micro-batch local counts (what the learner all-reduces).
     ranks = _SPLITS[split]
-    counts = [loss_normalizers(mask[s]) for r in ranks for s in r]
+    counts = [_counts(mask[s]) for r in ranks for s in r]
     g_tok = sum(c[0] for c in counts)
     g_seq = sum(c[1] for c in counts)
 
@@ -485,14 +490,8 @@ def test_critical_token_entropy():
     assert (float(s), float(c)) == (8.0, 3.0)
     # id 10 at (0,0)=0.5, (0,2)=2.0 -> (2.5, 2), mean 1.25
     pair = critical_token_entropy(ent, ids, mask, (10,))
-    assert (float(pair[0]), float(pair[1])) == (2.5, 2.0) and reduce_stat(pair) == 1.25
+    assert (float(pair[0]), float(pair[1])) == (2.5, 2.0)
     s, c = critical_token_entropy(ent, ids, mask, set())
-    assert (float(s), float(c)) == (0.0, 0.0) and reduce_stat((s, c)) == 0.0
+    assert (float(s), float(c)) == (0.0, 0.0)
     assert not s.requires_grad
 
-
-def test_loss_normalizers_skip_empty_responses():
-    # rows with 3, 0, 1 response tokens -> 4 tokens, 2 non-empty sequences
-    mask = torch.tensor([[1, 1, 1], [0, 0, 0], [1, 0, 0]])
-    tok, seq = loss_normalizers(mask)
-    assert (float(tok), float(seq)) == (4.0, 2.0)

@@ -16,7 +16,7 @@ from fleets import FLEET_LAYOUT, run_on
 from services.config import load_config
 from services.run import Run
 from services.data.loading import load_problems
-from services.tracking import read_metrics
+from services.run_dir import read_jsonl
 
 REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/entropy", "actor/critical_entropy",
             "actor/critical_token_rate", "actor/high_entropy_fraction", "actor/pg_clipfrac",
@@ -94,7 +94,7 @@ def test_three_stages_report_and_metrics(three_stage_run):
     final_eval = [e for e in saved["eval"] if e["checkpoint"] == stages[-1]["checkpoint"]][0]
     assert final_eval["entropy"] > 0  # measured by the learner on the model's own held-out responses
     assert saved["heldout_accuracy_final"] == stages[-1]["heldout_accuracy"] == report["heldout_accuracy_final"]
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     grpo = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in grpo] == [41, 42, 43] and {r["stage"] for r in grpo} == {"rl"}
     for row in grpo:
@@ -157,7 +157,7 @@ stages:
      algo: {drop_uniform_groups: false, loss_agg_mode: seq-mean-token-mean, kl_coef: 0.01, kl_estimator: k2}, end: {max_steps: 2}}
 """, extra=["rollout.num_actors=1", "rollout.spares=0"])  # a fleet of its own, beside the warm one
     assert [s["end_step"] for s in report["stages"]] == [2, 4]
-    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert len(rows) == 2 and rows[-1]["sync/logprob_diff_max"] < 1e-3
     assert rows[0]["actor/kl"] == 0 < rows[-1]["actor/kl"]  # the reference: the policy as the stage started
 

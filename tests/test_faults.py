@@ -22,7 +22,7 @@ from fleets import FLEET_LAYOUT, run_on, wrapped
 from services.cli import main
 from services.config import load_config
 from services.run import RunStopped
-from services.tracking import read_metrics
+from services.run_dir import read_jsonl
 
 GRPO_ONLY = """
 stages:
@@ -106,7 +106,7 @@ def test_faults_are_survived_and_ctrl_c_stops_with_a_checkpoint_that_resumes(fle
             run_on(fleet, cfg, tmp_path / "run")
     assert stopped.value.code == 130 and "stopped by SIGINT after step 4" in str(stopped.value)
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are restored
-    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # no step lost, none repeated
     assert rows[-1]["actors/restarts"] >= 3 and rows[0]["actors/restarts"] == 0
     for got, expected, versions, current in faults.answered:
@@ -119,7 +119,7 @@ def test_faults_are_survived_and_ctrl_c_stops_with_a_checkpoint_that_resumes(fle
     assert saved["restarts_used"] == rows[-1]["actors/restarts"]  # the budget goes on after a resume
 
     report = run_on(fleet, cfg, tmp_path / "run")
-    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and report["stages"][0]["end_step"] == 5
     assert rows[-1]["sync/version"] == 5 and rows[-1]["actors/restarts"] == saved["restarts_used"]
 
@@ -136,7 +136,7 @@ def _wait_for_row(run_dir, step: int, process: subprocess.Popen, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(r["step"] >= step and "reward/mean" in r for r in read_metrics(path)):
+        if path.is_file() and any(r["step"] >= step and "reward/mean" in r for r in read_jsonl(path)):
             return
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
@@ -163,7 +163,7 @@ def test_driver_sigkill_leaves_no_ray_process_and_the_next_run_resumes(ray_sessi
     assert main(_train_args(run_dir, model, tiny_data_dir)) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "grpo-step" in out
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward/mean" in r]
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 

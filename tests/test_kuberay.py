@@ -13,7 +13,7 @@ import yaml
 from services.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CRDS = ROOT.parent / "shared" / "fixtures" / "kuberay"
+RAYJOB_CRD = ROOT / "tests" / "fixtures" / "ray.io_rayjobs.yaml"  # KubeRay's, see tests/fixtures/README.md
 MANIFEST = ROOT / "deploy" / "kuberay" / "rayjob-r1v3-38b.yaml"
 GiB = 1024**3
 
@@ -45,7 +45,7 @@ def strict(schema):
 
 @pytest.fixture(scope="module")
 def rayjob_schema():
-    crd = yaml.safe_load((CRDS / "ray.io_rayjobs.yaml").read_text())
+    crd = yaml.safe_load(RAYJOB_CRD.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return strict(v1["schema"]["openAPIV3Schema"])
 

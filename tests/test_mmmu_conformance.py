@@ -8,13 +8,11 @@ import pytest
 from reward import mmmu
 from reward.choice_scorer import score_choice
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"  # tests/fixtures/README.md
 
 
 @pytest.fixture(scope="module")
 def rows():
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture not found: {FIXTURE}")
     rows = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(rows) == 1730
     for row in rows:

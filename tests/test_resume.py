@@ -17,7 +17,7 @@ from fleets import FLEET_LAYOUT, run_on, wrapped
 
 from services.config import load_config, resume_config
 from services.run import Run, RunStopped
-from services.tracking import read_metrics
+from services.run_dir import read_jsonl
 
 SHORT_DEMO = ["data.n_train=96", "data.n_heldout=16", "evaluation.max_tokens=16", "reward.workers=1",
               *FLEET_LAYOUT, "learner.optim.micro_batch_size=16", "stages.coldstart.end.max_steps=40",
@@ -37,7 +37,7 @@ def kills_learner_rank(fleet, run_dir):
 
     def wrapper(train):
         def train_then_lose_a_rank(samples):
-            if read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == KILL_AFTER_STEP:
+            if read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == KILL_AFTER_STEP:
                 ray.kill(fleet.learners.actors[1])
             return train(samples)
 
@@ -72,7 +72,7 @@ def test_a_lost_learner_rank_fails_fast_naming_it_and_the_checkpoint(straight_an
 
 def test_killed_and_resumed_equals_straight(straight_and_resumed):
     tmp, straight, resumed, *_ = straight_and_resumed
-    a, b = read_metrics(tmp / "straight" / "metrics.jsonl"), read_metrics(tmp / "killed" / "metrics.jsonl")
+    a, b = read_jsonl(tmp / "straight" / "metrics.jsonl"), read_jsonl(tmp / "killed" / "metrics.jsonl")
     steps = [r["step"] for r in b if "event" not in r]
     assert steps == STEPS  # no step lost, none repeated
     grpo = [r for r in a if r.get("stage") == "grpo" and "event" not in r]
@@ -94,12 +94,12 @@ def test_resume_on_another_learner_world_size(straight_and_resumed):
     cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1", "rollout.spares=0"])
     report = Run(cfg, tmp / "killed-copy", log=lambda *_: None).run()  # a fleet of its own: another layout
     assert [s["end_step"] for s in report["stages"]] == [s["end_step"] for s in straight["stages"]]
-    rows = [r for r in read_metrics(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
+    rows = [r for r in read_jsonl(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in rows] == STEPS
     # the weights and the gathered optimiser state continue the same run: the first step after the resume
     # (weights) and the one after it (weights moved by the restored AdamW moments) match the 2-rank run up
     # to float summation order
-    two = {r["step"]: r for r in read_metrics(tmp / "straight" / "metrics.jsonl") if "event" not in r}
+    two = {r["step"]: r for r in read_jsonl(tmp / "straight" / "metrics.jsonl") if "event" not in r}
     for step in (KILL_AFTER_STEP, KILL_AFTER_STEP + 1):
         one = next(r for r in rows if r["step"] == step)
         for key in ("actor/loss", "actor/grad_norm"):

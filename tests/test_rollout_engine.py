@@ -7,8 +7,10 @@ from transformers import AutoModelForImageTextToText
 
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig
-from rollout.weight_transport import InProcessLink, make_transport
+from rollout.weight_transport import make_transport
 from services.data.synthetic import generate_problem
+
+from in_process_link import InProcessLink
 
 
 @pytest.fixture(scope="module")

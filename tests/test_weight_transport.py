@@ -13,9 +13,11 @@ from learner.weight_sender import WeightSender
 from rollout.prompts import decode_images, render_prompt
 from rollout.vllm_adapter import request_seeds
 from rollout.weight_bucket import ALIGN, BucketMeta, hold_stream, pack_stream, unpack, unpack_parts
-from rollout.weight_transport import (TRANSPORTS, BucketLog, CudaIpcTransport, InProcessLink, IpcBucket,
-                                      ipc_rebuild_args_for, make_transport)
+from rollout.weight_transport import (TRANSPORTS, BucketLog, CudaIpcTransport, IpcBucket, ipc_rebuild_args_for,
+                                      make_transport)
 from services.data.synthetic import generate_problem
+
+from in_process_link import InProcessLink
 
 
 def _tensors():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.process_link import ProcessLink, random_weights
+from bench.process_link import ProcessLink, random_weights
 from rollout.weight_transport import make_transport
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: these transports move GPU memory")
