@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller
 from services.tracking import read_metrics
 

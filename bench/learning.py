@@ -73,7 +73,7 @@ def vireo_train(config: Path | str, overrides: list[str], log: Path, out_dir: Pa
     """`vireo train CONFIG OVERRIDES` in this process, in the bench's Ray cluster (each run starts and ends
     its own actors); the run's log goes to `log`. Returns the run directory."""
     from bench.step import stop
-    from services.config import load_config
+    from services.checks import load_config
     from services.controller import Controller, stage_table
 
     cfg = load_config(str(config), overrides)

@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 
 from bench.rollout import model_for
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller
 
 PHASES = ("timing_s/gen", "timing_s/reward", "timing_s/train", "timing_s/sync")

@@ -51,7 +51,7 @@ CONFIGS: dict[str, dict] = {
 def run_vireo(model: str, data: Path, a: argparse.Namespace, overrides: list[str]) -> list[dict]:
     import ray
 
-    from services.config import load_config
+    from services.checks import load_config
     from services.controller import Controller
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [
@@ -210,7 +210,8 @@ def vireo_update(rank: int, world: int, micro: int, model: str, batch_file: str,
     from safetensors.torch import save_file
 
     from learner.types import OptimConfig, StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
     from services.controller import shard_batch
 
     with open(batch_file, "rb") as f:
@@ -307,7 +308,7 @@ def same_batch(a: argparse.Namespace, model: str, data: Path, work: Path) -> Non
 # ---- driver -------------------------------------------------------------------------------------
 def warm_model(a: argparse.Namespace, out: Path) -> tuple[str, Path]:
     """vireo's own warm-up (SFT) of the embedded default, once; its checkpoint is every run's start."""
-    from services.config import load_config
+    from services.checks import load_config
     from services.controller import Controller
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"stages.coldstart.end.max_steps={a.warm_steps}",

@@ -28,7 +28,8 @@ def _make_data(args) -> int:
 
 
 def _train(args) -> int:
-    from services.config import ConfigError, load_config, resume_config
+    from services.checks import load_config, resume_config
+    from services.config import ConfigError
     from services.controller import Controller, RunStopped, stage_table
     from services.data.loading import DataError
     from services.selection import format_ranking

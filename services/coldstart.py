@@ -13,7 +13,7 @@ from pathlib import Path
 import ray
 
 from rollout.types import SamplingConfig
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller
 from services.data.loading import load_problems, write_problems
 from services.data.problems import Problem

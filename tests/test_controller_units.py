@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from learner.types import TrainSample
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller, _chunks
 from services.data.loading import DataError
 from services.stages import keep_informative

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForImageTextToText
 
 from learner.param_groups import group_of
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller
 from services.data.loading import load_problems
 from services.tracking import read_metrics

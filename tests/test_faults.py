@@ -18,7 +18,7 @@ import pytest
 import ray
 
 from services.cli import main
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller, RunStopped
 from services.tracking import read_metrics
 

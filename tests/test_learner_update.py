@@ -49,7 +49,8 @@ def _vireo(rank: int, world: int, micro: int, model_path: str, out: str, port: i
     from safetensors.torch import save_file
 
     from learner.types import OptimConfig, StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
     from services.controller import shard_batch
 
     worker = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro, grad_clip=CLIP), rank, world,

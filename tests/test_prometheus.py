@@ -19,7 +19,7 @@ import ray
 import yaml
 
 from actors.learner_actor import free_port
-from services.config import load_config
+from services.checks import load_config
 from services.controller import Controller
 from services.tracking import PrometheusBackend
 

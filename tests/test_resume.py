@@ -13,7 +13,7 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from services.config import load_config, resume_config
+from services.checks import load_config, resume_config
 from services.controller import Controller, RunStopped
 from services.tracking import read_metrics
 

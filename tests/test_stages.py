@@ -8,7 +8,8 @@ import pytest
 from learner import algos
 from learner.schedules import lr_at
 from learner.types import TrainSample
-from services.config import ConfigError, EarlyStopRule, EndConfig, ThresholdRule, load_config
+from services.checks import load_config
+from services.config import ConfigError, EarlyStopRule, EndConfig, ThresholdRule
 from services.controller import shard_batch
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
