@@ -37,7 +37,7 @@ from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems
 from services.stages import EndRule, StageKind, get_stage_kind
 from services.progress import StageProgress
-from services.selection import checkpoint_ranking, selection_summary
+from services.selection import checkpoint_ranking, record_selection
 from services.tracking import read_metrics, start_tracker
 
 REWARD_CPUS = 0.1
@@ -400,8 +400,7 @@ class Controller:
             last = report["stages"][-1]
             report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                            "data_skipped": dict(self.skipped)})
-            selection = selection_summary(report, read_metrics(self.run_dir / "metrics.jsonl"))
-            report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
+            record_selection(report, read_metrics(self.run_dir / "metrics.jsonl"), self.cfg.checkpoint.select_by)
             self._write_report(report)
         except ActorFailure as failure:
             self.stop_actors()
