@@ -21,8 +21,9 @@ install-test: $(UV)
 demo: install
 	$(VENV)/bin/vireo train configs/demo.yaml
 
-test: install-test
-	$(VENV)/bin/python -m pytest -q --durations=15 tests
+test:  # prints its wall time, the install included
+	@start=$$(date +%s); $(MAKE) --no-print-directory install-test && $(VENV)/bin/python -m pytest -q --durations=15 tests; \
+	rc=$$?; s=$$(( $$(date +%s) - start )); echo "make test: wall time $$((s / 60)) min $$((s % 60)) s (install included)"; exit $$rc
 
 clean:
 	rm -rf $(VENV) $(TOOLS) runs

@@ -13,7 +13,8 @@ from actors.supervision import get_all
 from actors.weight_link import RayEngineLink
 from learner.types import StageSpec, TrainBatch
 from learner.weight_sender import SyncReport
-from learner.worker import LearnerConfig, LearnerWorker
+from learner.types import LearnerConfig
+from learner.worker import LearnerWorker
 
 
 @ray.remote

@@ -74,20 +74,14 @@ def start_ray(attempts: int = 5, wait_s: float = 300) -> subprocess.Popen:
 def vireo_train(config: Path | str, overrides: list[str], log: Path, out_dir: Path) -> Path:
     """`vireo train CONFIG OVERRIDES` in this process, in the bench's Ray cluster (each run starts and ends
     its own actors); the run's log goes to `log`. Returns the run directory."""
-    from bench.step import stop
-    from services.config import load_config
-    from services.controller import Controller, stage_table
+    from services.checks import load_config
+    from services.run import Run, stage_table
 
     cfg = load_config(str(config), overrides)
     run = out_dir / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"# vireo train {config} {' '.join(overrides)}  (log: {log})", flush=True)
     with log.open("w") as out:
-        controller = Controller(cfg, run, log=lambda *a: print(*a, file=out, flush=True))
-        try:
-            print(stage_table(controller.run()), file=out)
-        finally:
-            if getattr(controller, "learners", None):
-                stop(controller)
+        print(stage_table(Run(cfg, run, log=lambda *a: print(*a, file=out, flush=True)).run()), file=out)
     return run
 
 

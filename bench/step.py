@@ -25,34 +25,31 @@ from pathlib import Path
 import ray
 
 from bench.rollout import model_for
-from services.config import load_config
-from services.controller import Controller
+from services.checks import load_config
+from services.run import Run
+from services.stages import StageKind
 
 PHASES = ("timing_s/gen", "timing_s/reward", "timing_s/train", "timing_s/sync")
 
 
-def start(model_path: str, data_dir: Path | None, overrides: list[str]) -> Controller:
+def start(model_path: str, data_dir: Path | None, overrides: list[str]) -> tuple[Run, StageKind]:
+    """A run on a fleet of its own, inside its GRPO stage: the run and the stage's kind, whose step() is timed."""
     cfg = load_config(None, [f"model.path={model_path}", "data.n_train=256", "data.n_heldout=8",
                              "stages.0.algo.drop_uniform_groups=false", "stages.0.optim.lr=1e-5",
                              "learner.optim.micro_batch_size=32"] + overrides)
     if data_dir is not None:
         cfg.data.train, cfg.data.heldout = str(data_dir / "train.parquet"), str(data_dir / "heldout.parquet")
-    controller = Controller(cfg, Path(tempfile.mkdtemp(prefix="vireo-bench-step-")), log=lambda *_: None)
-    plans = controller.prepare()
-    controller.start_actors()
-    controller.grpo, _, _ = controller.begin_stage(0, plans[0])
-    return controller
+    run = Run(cfg, Path(tempfile.mkdtemp(prefix="vireo-bench-step-")), log=lambda *_: None)
+    plans = run.prepare()
+    run.start_fleet(cfg.model.path)
+    return run, run.begin_stage(0, plans[0])[0].kind
 
 
-def stop(controller: Controller) -> None:
-    controller.stop_actors()
-
-
-def measure(controller: Controller, steps: int, prompts: int, n: int, tokens: int) -> dict[str, float]:
+def measure(grpo: StageKind, steps: int, prompts: int, n: int, tokens: int) -> dict[str, float]:
     """Median phase times over `steps` GRPO steps of this shape, after one warm-up step."""
-    stage = controller.grpo.cfg
+    stage = grpo.cfg
     stage.batch_size, stage.sampling.n, stage.sampling.max_tokens = prompts, n, tokens
-    rows = [controller.grpo.step(i + 1, i + 1) for i in range(steps + 1)][1:]
+    rows = [grpo.step(i + 1, i + 1) for i in range(steps + 1)][1:]
     med = {k: statistics.median(r[k] for r in rows) for k in ("timing_s/step",) + PHASES}
     med["overhead_fraction"] = statistics.median(1 - sum(r[k] for k in PHASES) / r["timing_s/step"] for r in rows)
     med["gen_tokens"] = statistics.median(r["response_length/mean"] * prompts * n for r in rows)
@@ -81,25 +78,25 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  load {os.getloadavg()[0]:.2f}  cores {os.cpu_count()}  "
           f"2 rollout actors + 2 learner ranks (ZeRO-2, gloo), medians of {args.steps} steps per point")
     tiny, tiny_params = model_for(args.models.split(",")[0])
-    controller = start(tiny, None, [])
-    data_dir = Path(controller.cfg.data.train).parent
-    demo = measure(controller, args.steps, 32, 8, 40)
+    run, grpo = start(tiny, None, [])
+    data_dir = Path(run.cfg.data.train).parent
+    demo = measure(grpo, args.steps, 32, 8, 40)
     print(f"\ndemo step shape (32 prompts x 8 x 40 tokens, {tiny_params / 1e6:.2f} M params): step "
           f"{demo['timing_s/step']:.2f} s = gen {demo['timing_s/gen']:.2f} + reward {demo['timing_s/reward']:.2f} "
           f"+ train {demo['timing_s/train']:.2f} + sync {demo['timing_s/sync']:.2f} + rest; "
           f"overhead_fraction {demo['overhead_fraction']:.3f}")
     ladders = {
-        "batch (prompts per step, n 8, 40 tokens)": ("prompts", [(p, measure(controller, args.steps, p, 8, 40)) for p in (8, 16, 32)]),
-        "group size (n, 16 prompts, 40 tokens)": ("n", [(n, measure(controller, args.steps, 16, n, 40)) for n in (4, 8, 16)]),
-        "response length (max tokens, 16 prompts x 8)": ("tokens", [(t, measure(controller, args.steps, 16, 8, t)) for t in (20, 40, 80)]),
+        "batch (prompts per step, n 8, 40 tokens)": ("prompts", [(p, measure(grpo, args.steps, p, 8, 40)) for p in (8, 16, 32)]),
+        "group size (n, 16 prompts, 40 tokens)": ("n", [(n, measure(grpo, args.steps, 16, n, 40)) for n in (4, 8, 16)]),
+        "response length (max tokens, 16 prompts x 8)": ("tokens", [(t, measure(grpo, args.steps, 16, 8, t)) for t in (20, 40, 80)]),
     }
-    stop(controller)
+    run.stop_fleet()
     model_points = []
     for spec in args.models.split(","):
         path, params = model_for(spec)
-        c = start(path, data_dir, [])
-        model_points.append((round(params / 1e6, 2), measure(c, args.steps, 8, 4, 20)))
-        stop(c)
+        run, grpo = start(path, data_dir, [])
+        model_points.append((round(params / 1e6, 2), measure(grpo, args.steps, 8, 4, 20)))
+        run.stop_fleet()
     ladders["model size (M params, 8 prompts x 4 x 20 tokens)"] = ("params_m", model_points)
     ray.shutdown()
     result = {"overhead_fraction": round(demo["overhead_fraction"], 4), "demo_step_s": round(demo["timing_s/step"], 3)}

@@ -51,8 +51,8 @@ CONFIGS: dict[str, dict] = {
 def run_vireo(model: str, data: Path, a: argparse.Namespace, overrides: list[str]) -> list[dict]:
     import ray
 
-    from services.config import load_config
-    from services.controller import Controller
+    from services.checks import load_config
+    from services.run import Run
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [
         f"model.path={model}", f"data.train={data / 'train.parquet'}", f"data.heldout={data / 'heldout.parquet'}",
@@ -60,10 +60,10 @@ def run_vireo(model: str, data: Path, a: argparse.Namespace, overrides: list[str
         f"stages.grpo.sampling.max_tokens={a.max_tokens}", f"stages.grpo.optim.lr={a.lr}", "stages.grpo.algo.kl_coef=0.0",
         "stages.grpo.algo.drop_uniform_groups=false", "trainer.probe_every=0", f"trainer.seed={a.seed}"] + overrides)
     cfg.stages = [s for s in cfg.stages if s.name == "grpo"]
-    controller = Controller(cfg, Path(tempfile.mkdtemp(prefix="vireo-vs-trl-")), log=lambda *_: None)
+    controller = Run(cfg, Path(tempfile.mkdtemp(prefix="vireo-vs-trl-")), log=lambda *_: None)
     plans = controller.prepare()
-    controller.start_actors()
-    grpo, _, _ = controller.begin_stage(0, plans[0])
+    controller.start_fleet(cfg.model.path)
+    grpo = controller.begin_stage(0, plans[0])[0].kind
     rows = []
     for step in range(1, a.steps + 2):
         m = grpo.step(step, step)
@@ -210,8 +210,9 @@ def vireo_update(rank: int, world: int, micro: int, model: str, batch_file: str,
     from safetensors.torch import save_file
 
     from learner.types import OptimConfig, StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
-    from services.controller import shard_batch
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
+    from services.fleet import shard_batch
 
     with open(batch_file, "rb") as f:
         batch = pickle.load(f)
@@ -307,8 +308,8 @@ def same_batch(a: argparse.Namespace, model: str, data: Path, work: Path) -> Non
 # ---- driver -------------------------------------------------------------------------------------
 def warm_model(a: argparse.Namespace, out: Path) -> tuple[str, Path]:
     """vireo's own warm-up (SFT) of the embedded default, once; its checkpoint is every run's start."""
-    from services.config import load_config
-    from services.controller import Controller
+    from services.checks import load_config
+    from services.run import Run
     from services.run_dir import DATA_DIR, REPORT_FILE
 
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), [f"stages.coldstart.end.max_steps={a.warm_steps}",
@@ -317,7 +318,7 @@ def warm_model(a: argparse.Namespace, out: Path) -> tuple[str, Path]:
     done = out / REPORT_FILE
     report = json.loads(done.read_text()) if done.is_file() else {}
     if "final_checkpoint" not in report:
-        report = Controller(cfg, out, log=lambda *_: None).run()
+        report = Run(cfg, out, log=lambda *_: None).run()
     return report["final_checkpoint"], out / DATA_DIR
 
 

@@ -44,6 +44,8 @@ from typing import Literal, TypeVar
 import torch
 from torch import Tensor
 
+from common.registry import Registry
+
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "POLICY_LOSSES",
@@ -84,70 +86,40 @@ LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 
 # --------------------------------------------------------------------------- registries
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., Tensor]] = {}
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]] = {}
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
-
-
-def _register(registry: dict, kind: str, name: str) -> Callable[[F], F]:
-    """Decorator factory shared by the three registries.
-
-    Re-registering the same function under the same name is a no-op (module
-    reloads in notebooks); a *different* function under a taken name is an error,
-    so two variants can never silently shadow each other.
-    """
-
-    def deco(fn: F) -> F:
-        existing = registry.get(name)
-        same = existing is fn or (
-            existing is not None
-            and (existing.__module__, existing.__qualname__) == (fn.__module__, fn.__qualname__)
-        )
-        if existing is not None and not same:
-            raise ValueError(f"{kind} {name!r} is already registered to {existing.__qualname__}")
-        registry[name] = fn
-        return fn
-
-    return deco
-
-
-def _lookup(registry: dict, kind: str, name: str) -> Callable:
-    try:
-        return registry[name]
-    except KeyError:
-        known = ", ".join(sorted(registry)) or "<none>"
-        raise ValueError(f"unknown {kind} {name!r}; known: {known}") from None
+ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
+POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]] = Registry("policy loss")
+KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
 
 
 def register_advantage_estimator(name: str) -> Callable[[F], F]:
     """Register ``fn(rewards, group_ids, **options) -> Tensor[N]`` under ``name``."""
-    return _register(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+    return ADVANTAGE_ESTIMATORS.register(name)
 
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
     """Register ``fn(logprobs, old_logprobs, advantages, response_mask, **options)
     -> (loss, stats)`` under ``name``."""
-    return _register(POLICY_LOSSES, "policy loss", name)
+    return POLICY_LOSSES.register(name)
 
 
 def register_kl_estimator(name: str) -> Callable[[F], F]:
     """Register ``fn(logprobs, ref_logprobs) -> per-token Tensor`` under ``name``."""
-    return _register(KL_ESTIMATORS, "KL estimator", name)
+    return KL_ESTIMATORS.register(name)
 
 
 def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
     """Look up an advantage estimator; ``ValueError`` listing known names if absent."""
-    return _lookup(ADVANTAGE_ESTIMATORS, "advantage estimator", name)
+    return ADVANTAGE_ESTIMATORS.lookup(name)
 
 
 def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]:
     """Look up a policy loss; ``ValueError`` listing known names if absent."""
-    return _lookup(POLICY_LOSSES, "policy loss", name)
+    return POLICY_LOSSES.lookup(name)
 
 
 def get_kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """Look up a KL estimator; ``ValueError`` listing known names if absent."""
-    return _lookup(KL_ESTIMATORS, "KL estimator", name)
+    return KL_ESTIMATORS.lookup(name)
 
 
 # --------------------------------------------------------------------------- masked reductions

@@ -17,10 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from learner import algos
-
-# The paper's examples (P3 §1 "Wait", "Alternatively"; §6.2 "Hmm") and their usual kin.
-DEFAULT_CRITICAL_WORDS = ("Wait", "Alternatively", "Hmm", "But", "However", "Let me", "Actually", "Check")
-DEFAULT_HIGH_ENTROPY = 1.0  # nats: the share of response tokens above it is logged beside the means
+from learner.types import DEFAULT_CRITICAL_WORDS, DEFAULT_HIGH_ENTROPY
 
 
 def variants(word: str) -> list[str]:

@@ -14,7 +14,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-ARCHITECTURES = ("internvl", "qwen2_vl")
+from learner.types import ARCHITECTURES
+
 
 # Special tokens every vireo tokenizer carries: chat roles and the image tokens of both architectures
 # (so one vocabulary serves both; each uses its own).

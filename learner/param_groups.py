@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-GROUPS = ("vision", "connector", "llm")
+from learner.types import GROUPS
 
 # HF state-dict prefixes per model_type; the first matching prefix wins (the Qwen2-VL connector, the
 # patch merger, sits inside the vision module, so it is listed before the vision prefix).

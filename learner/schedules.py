@@ -7,16 +7,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from common.registry import Registry
+
 Schedule = Callable[[int, int, float, float], float]  # (step, total, warmup_ratio, min_lr_ratio) -> factor
-LR_SCHEDULES: dict[str, Schedule] = {}
-
-
-def register_schedule(name: str) -> Callable[[Schedule], Schedule]:
-    def deco(fn: Schedule) -> Schedule:
-        LR_SCHEDULES[name] = fn
-        return fn
-
-    return deco
+LR_SCHEDULES: Registry[Schedule] = Registry("lr schedule")
+register_schedule = LR_SCHEDULES.register
 
 
 def _warmup(step: int, total: int, warmup_ratio: float) -> float | None:
@@ -41,12 +36,6 @@ def cosine(step: int, total: int, warmup_ratio: float, min_lr_ratio: float) -> f
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def get_schedule(name: str) -> Schedule:
-    if name not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {name!r}; known: {', '.join(sorted(LR_SCHEDULES))}")
-    return LR_SCHEDULES[name]
-
-
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup_ratio: float = 0.0,
           min_lr_ratio: float = 0.0) -> float:
-    return lr * get_schedule(schedule)(step, max(total, 1), warmup_ratio, min_lr_ratio)
+    return lr * LR_SCHEDULES.lookup(schedule)(step, max(total, 1), warmup_ratio, min_lr_ratio)

@@ -1,7 +1,34 @@
-"""What the controller hands the learner: what one stage trains and how, and one training batch shard."""
+"""What the controller hands the learner: its settings, what one stage trains and how, one training batch
+shard. Plain data without torch, so that reading a run config does not import torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+#: The three parameter groups the paper trains separately (learner.param_groups maps names to them).
+GROUPS = ("vision", "connector", "llm")
+#: Weights and compute dtypes of the learner and the rollout engines.
+DTYPES = ("float32", "bfloat16", "float16")
+#: The model architectures vireo builds (learner.model_factory) and trains.
+ARCHITECTURES = ("internvl", "qwen2_vl")
+# The paper's examples (P3 §1 "Wait", "Alternatively"; §6.2 "Hmm") and their usual kin (learner.critical_tokens).
+DEFAULT_CRITICAL_WORDS = ("Wait", "Alternatively", "Hmm", "But", "However", "Let me", "Actually", "Check")
+DEFAULT_HIGH_ENTROPY = 1.0  # nats: the share of response tokens above it is logged beside the means
+
+
+@dataclass
+class LearnerConfig:
+    """Run-wide learner settings; what changes between stages (trainable groups, lr and schedule, loss)
+    comes with each stage as a StageSpec."""
+
+    zero_stage: int = 2
+    grad_clip: float = 1.0
+    micro_batch_size: int = 16
+    dtype: str = "float32"
+    weight_bucket_mb: float = 1.0
+    weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
+    seed: int = 0
+    critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
+    high_entropy: float = DEFAULT_HIGH_ENTROPY
 
 
 @dataclass
@@ -60,7 +87,7 @@ class StageSpec:
     parameter groups (P3 §5.2 / §3.4: which of vision, connector, llm train is a stage's choice)."""
 
     name: str
-    trainable: tuple[str, ...] = ("vision", "connector", "llm")
+    trainable: tuple[str, ...] = GROUPS
     total_steps: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.param_groups import GROUPS
+from learner.types import GROUPS
 from rollout.weight_transport import EngineLink, WeightTransport
 
 

@@ -10,50 +10,26 @@ import math
 import os
 import sys
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 import torch.distributed as dist
 
 from learner import algos
-from learner.critical_tokens import (DEFAULT_CRITICAL_WORDS, DEFAULT_HIGH_ENTROPY, critical_token_ids,
+from learner.critical_tokens import (critical_token_ids,
                                      entropy_metrics, entropy_stats)
-from learner.param_groups import GROUPS, group_of, set_trainable
+from learner.param_groups import group_of, set_trainable
 from learner.schedules import lr_at
-from learner.types import StageSpec, TrainBatch, TrainSample
+from learner.types import DTYPES, GROUPS, LearnerConfig, StageSpec, TrainBatch, TrainSample
 from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
-from rollout.weight_transport import TRANSPORTS, EngineLink, make_transport
+from rollout.weight_transport import EngineLink, make_transport
 
 # In a folder of its own: vLLM loads every *.safetensors file at the top of a checkpoint as weights.
 OPTIMIZER_FILE = os.path.join("optimizer", "adamw.safetensors")
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
 _TIED_SUFFIXES = ("lm_head.weight",)
-
-
-@dataclass
-class LearnerConfig:
-    """Run-wide learner settings; what changes between stages (trainable groups, lr and schedule, loss)
-    comes with each stage as a StageSpec."""
-
-    zero_stage: int = 2
-    grad_clip: float = 1.0
-    micro_batch_size: int = 16
-    dtype: str = "float32"
-    weight_bucket_mb: float = 1.0
-    weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
-    seed: int = 0
-    critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
-    high_entropy: float = DEFAULT_HIGH_ENTROPY
-
-    def __post_init__(self):
-        if self.weight_transport not in TRANSPORTS:  # a config error at load time, not at the first sync
-            raise ValueError(f"unknown weight transport {self.weight_transport!r}; choose one of {sorted(TRANSPORTS)}")
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reward import mmmu
-from reward.compose import RewardConfig, RewardScorer
-from reward.types import ANSWER_TYPES, ScoreRequest
+from reward.compose import ACCURACY_SCORERS, RewardConfig, RewardScorer
+from reward.types import ScoreRequest
 
 PROTOCOLS = ("mmmu", "math")
 # The MMMU protocol vireo prompts for ("Answer: X" last line, as the R1V prompts ask, P1 §3) is the one
@@ -93,7 +93,7 @@ def _math_request(row: dict[str, Any]) -> ScoreRequest:
     if isinstance(answer, list):
         raise _Skip("list answer (math rows take one ground truth)")
     answer_type = row.get("answer_type") or "math"
-    if answer_type not in ANSWER_TYPES:
+    if answer_type not in ACCURACY_SCORERS:
         raise _Skip(f"unknown answer_type {answer_type!r}")
     options = _options(row, required=False)
     return ScoreRequest(response, answer, answer_type, options)

@@ -10,12 +10,13 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from common.registry import Registry
 from reward.choice_scorer import score_choice
 from reward.format_scorer import score_format
 from reward.math_scorer import score_math
 from reward.open_scorer import score_open
 from reward.sandbox import Sandbox
-from reward.types import ANSWER_TYPES, RewardResult, ScoreRequest
+from reward.types import RewardResult, ScoreRequest
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -40,16 +41,9 @@ class RewardConfig:
 
 
 RewardKind = Callable[[list[float], random.Random], list[float]]
-REWARD_KINDS: dict[str, RewardKind] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardKind], RewardKind]:
-    """Register fn(rule scores of a batch, rng) -> the scores training sees."""
-    def deco(fn: RewardKind) -> RewardKind:
-        REWARD_KINDS[name] = fn
-        return fn
-
-    return deco
+#: fn(rule scores of a batch, rng) -> the scores training sees.
+REWARD_KINDS: Registry[RewardKind] = Registry("reward kind")
+register_reward = REWARD_KINDS.register
 
 
 @register_reward("rule")
@@ -66,22 +60,36 @@ def random_reward(scores: list[float], rng: random.Random) -> list[float]:
     return [float(rng.random() < p) for _ in scores]
 
 
+#: answer type -> its accuracy scorer; the names are every answer type a problem may have.
+ACCURACY_SCORERS: Registry[Callable[[ScoreRequest], RewardResult]] = Registry("answer_type")
+register_answer_type = ACCURACY_SCORERS.register
+
+
+@register_answer_type("math")
+@register_answer_type("numeric")
+def _math_accuracy(request: ScoreRequest) -> RewardResult:
+    return score_math(request.response, request.ground_truth)
+
+
+@register_answer_type("choice")
+def _choice_accuracy(request: ScoreRequest) -> RewardResult:
+    return score_choice(request.response, request.ground_truth, request.options)
+
+
+@register_answer_type("open")
+def _open_accuracy(request: ScoreRequest) -> RewardResult:
+    return score_open(request.response, request.ground_truth)
+
+
 def score_accuracy(request: ScoreRequest) -> RewardResult:
-    """Dispatch on answer_type (runs inside a sandbox worker)."""
-    if request.answer_type in ("numeric", "math"):
-        return score_math(request.response, request.ground_truth)
-    if request.answer_type == "choice":
-        return score_choice(request.response, request.ground_truth, request.options)
-    if request.answer_type == "open":
-        return score_open(request.response, request.ground_truth)
-    raise ValueError(f"unknown answer_type {request.answer_type!r}")
+    """The request's answer-type scorer (runs inside a sandbox worker)."""
+    return ACCURACY_SCORERS.lookup(request.answer_type)(request)
 
 
 def check_answer_types(requests: Sequence[ScoreRequest]) -> None:
     """Reject a batch holding an unknown answer_type up front, naming it, before any worker sees it."""
-    unknown = sorted({r.answer_type for r in requests} - set(ANSWER_TYPES))
-    if unknown:
-        raise ValueError(f"unknown answer_type {unknown}; expected one of {list(ANSWER_TYPES)}")
+    for answer_type in sorted({r.answer_type for r in requests}):
+        ACCURACY_SCORERS.lookup(answer_type)
 
 
 def _rejected(response: object) -> str | None:
@@ -95,8 +103,7 @@ class RewardScorer:
     """Scores batches of ScoreRequest; keeps its worker pool between batches. Call close() when done."""
 
     def __init__(self, config: RewardConfig = RewardConfig()) -> None:
-        if config.kind not in REWARD_KINDS:
-            raise ValueError(f"unknown reward kind {config.kind!r}; known: {', '.join(sorted(REWARD_KINDS))}")
+        REWARD_KINDS.lookup(config.kind)
         self.config = config
         self._sandbox = Sandbox(
             score_accuracy, workers=config.workers, timeout_s=config.timeout_s, memory_mb=config.worker_memory_mb

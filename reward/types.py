@@ -5,16 +5,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-#: Every answer type a problem can have; each has an accuracy scorer (reward.compose.score_accuracy).
-ANSWER_TYPES = ("numeric", "choice", "math", "open")
-
-
 @dataclass(frozen=True)
 class ScoreRequest:
     """One response to score.
 
-    answer_type selects the accuracy scorer: "numeric" and "math" go to math-verify, "choice" to the
-    multiple-choice letter scorer, "open" to the open-answer scorer (MMMU open questions).
+    answer_type names its accuracy scorer in reward.compose.ACCURACY_SCORERS.
     """
 
     response: str

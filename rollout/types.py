@@ -4,14 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Sampling for one rollout call; n samples per prompt form one GRPO group (P3 §2.4)."""
+@dataclass
+class Sampling:
+    """What is sampled per prompt, defined once for a run's stages and for each rollout call; n samples
+    per prompt form one GRPO group (P3 §2.4: 32 samples per prompt at temperature 1.0)."""
 
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
-    max_tokens: int = 64
+    max_tokens: int = 48
+
+
+@dataclass
+class SamplingConfig(Sampling):
+    """Sampling for one rollout call: the settings plus the call's seed."""
+
     seed: int | None = None
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from common.registry import Registry
 from rollout.weight_bucket import BucketMeta, hold_stream, pack_stream, unpack, unpack_parts
 
 
@@ -145,21 +146,18 @@ class WeightTransport(ABC):
         """Yield the update's tensors one bucket at a time (views over that bucket's buffer)."""
 
 
-TRANSPORTS: dict[str, type[WeightTransport]] = {}
+TRANSPORTS: Registry[type[WeightTransport]] = Registry("weight transport")
 
 
 def register_transport(name: str):
     def wrap(cls: type[WeightTransport]) -> type[WeightTransport]:
         cls.name = name
-        TRANSPORTS[name] = cls
-        return cls
+        return TRANSPORTS.register(name)(cls)
     return wrap
 
 
 def make_transport(name: str, bucket_bytes: int) -> WeightTransport:
-    if name not in TRANSPORTS:
-        raise ValueError(f"unknown weight transport {name!r}; choose one of {sorted(TRANSPORTS)}")
-    return TRANSPORTS[name](bucket_bytes)
+    return TRANSPORTS.lookup(name)(bucket_bytes)
 
 
 def _check_version(meta: BucketMeta, version: int) -> BucketMeta:

@@ -28,7 +28,8 @@ def _make_data(args) -> int:
 
 
 def _train(args) -> int:
-    from services.config import ConfigError, load_config, resume_config
+    from services.checks import load_config, resume_config
+    from services.config import ConfigError
     from services.run import Run, RunStopped, stage_table
     from services.data.loading import DataError
     from services.run_dir import CONFIG_FILE
@@ -55,8 +56,7 @@ def _train(args) -> int:
         print(f"vireo train: stopped at once; resume with: vireo train run_dir={run_dir}", file=sys.stderr)
         return 130
     print(stage_table(report))
-    print(format_ranking({"by": "critical_entropy", **{k: report[k] for k in (
-        "checkpoint_ranking", "critical_entropy_accuracy_spearman")}}))
+    print(format_ranking(report))
     print(f"[done] run directory: {run_dir}")
     return 0
 
@@ -112,11 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _eval(argv[1:])
     if argv[:1] == ["runs"]:
         return _runs(argv[1:])
+    from learner.types import ARCHITECTURES
+    from services.checkpoints import CheckpointConfig
+    from services.selection import CRITERIA
+
     parser = argparse.ArgumentParser(prog="vireo", description="RL post-training for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-model", help="build the tiny embedded-default VLM")
     p.add_argument("out_dir")
-    p.add_argument("--arch", default="internvl", choices=["internvl", "qwen2_vl"])
+    p.add_argument("--arch", default=ARCHITECTURES[0], choices=ARCHITECTURES)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_model)
     p = sub.add_parser("make-data", help="render the synthetic visual math data to parquet")
@@ -141,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_make_coldstart)
     p = sub.add_parser("select-checkpoint", help="rank a run's checkpoints (P3 §5.1), write selection.json")
     p.add_argument("run_dir")
-    p.add_argument("--by", default="critical_entropy", choices=["critical_entropy", "heldout_accuracy", "reward"])
+    p.add_argument("--by", default=CheckpointConfig.select_by, choices=CRITERIA)
     p.set_defaults(func=_select_checkpoint)
     p = sub.add_parser("train", help="run a training job (also the driver of `ray job submit`)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (defaults in code when omitted)")

@@ -14,7 +14,7 @@ import ray
 
 from rollout.types import SamplingConfig
 from actors.supervision import RestartBudget
-from services.config import load_config
+from services.checks import load_config
 from services.data.loading import load_problems, write_problems
 from services.data.problems import Problem
 from services.evaluation import rollout_requests, score_requests

@@ -21,13 +21,22 @@ from services.scoring import clean_text, format_summary, progress_bar, write_jso
 
 
 @dataclass
-class EvalOptions:
-    protocol: str = ""  # "" = mmmu for MMMU-schema data, math otherwise
+class EvalConfig:
+    """How held-out sets are judged, by `vireo eval` and during training (the run config's `evaluation`):
+    protocol "" picks mmmu for MMMU-schema data and math otherwise; mode official|strict|r1v3."""
+
+    protocol: str = ""
     mode: str = "official"
     temperature: float = 0.0
     max_tokens: int = 48
-    seed: int = 0
     limit: int = 0
+
+
+@dataclass
+class EvalOptions(EvalConfig):
+    """One evaluation call: the settings plus what its caller decides (a run passes its seed and prompt)."""
+
+    seed: int = 0
     batch_size: int = 64
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
@@ -115,19 +124,20 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
 def main(argv) -> int:
     import argparse
 
-    from learner.worker import DTYPES
+    from learner.types import DTYPES
 
+    defaults = EvalOptions()
     parser = argparse.ArgumentParser(prog="vireo eval", description="Generate with vLLM and score a data set.")
     parser.add_argument("--model", required=True, help="HF checkpoint directory")
     parser.add_argument("--data", required=True, help="parquet file or directory (vireo, MMMU or math schema)")
     parser.add_argument("--protocol", choices=["mmmu", "math"], default="")
-    parser.add_argument("--mode", choices=mmmu.MODES, default="official",
+    parser.add_argument("--mode", choices=mmmu.MODES, default=defaults.mode,
                         help="official: the benchmark rules; strict: no random guess; r1v3: last \\boxed{} first")
     parser.add_argument("--out", default=None, help="write results.jsonl and summary.json here")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--limit", type=int, default=defaults.limit)
     engine = EngineOptions()
     parser.add_argument("--dtype", choices=DTYPES, default=engine.dtype, help="weights and compute dtype")
     parser.add_argument("--max-model-len", type=int, default=engine.max_model_len,

@@ -25,7 +25,7 @@ from reward.types import RewardResult, ScoreRequest
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from omegaconf import OmegaConf
 
-from services.config import RunConfig, flat_config
+from services.config import RunConfig, flat
 
 REWARD_CPUS = 0.1
 # What a fleet's actors are built from; a run that differs in one of these needs a fleet of its own.
@@ -37,7 +37,7 @@ CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")
 
 
 def fleet_layout(cfg: RunConfig) -> dict:
-    return {k: v for k, v in flat_config(OmegaConf.structured(cfg)).items() if k.startswith(LAYOUT_KEYS)}
+    return {k: v for k, v in flat(OmegaConf.structured(cfg)).items() if k.startswith(LAYOUT_KEYS)}
 
 
 def model_signature(model_path: str) -> dict[str, object]:

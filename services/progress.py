@@ -6,6 +6,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from services.stages import get_stage_kind
+
 BAR_WIDTH = 24
 
 
@@ -33,7 +35,8 @@ class StageProgress:
                done: bool = False) -> None:
         elapsed = time.time() - started
         eta = elapsed / step * (limit - step)
-        if kind == "grpo":
+        samples = get_stage_kind(kind).samples
+        if samples:
             figures = (f"reward {_figure(metrics, 'reward/mean'):.3f} acc {_figure(metrics, 'reward/accuracy'):.3f} "
                        f"fmt {_figure(metrics, 'reward/format'):.3f} entropy {_figure(metrics, 'actor/entropy'):.3f}")
         else:
@@ -48,7 +51,7 @@ class StageProgress:
             self.stream.flush()
             if done:
                 self.bar = ""
-        elif kind == "grpo":
+        elif samples:
             self.log(f"[{name}] step {step}/{limit} {figures} "
                      f"diff {_figure(metrics, 'sync/logprob_diff_max'):.1e} "
                      f"step {_figure(metrics, 'timing_s/step'):.1f}s eta {eta:.0f}s")

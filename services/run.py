@@ -30,10 +30,10 @@ from services.data.problems import Problem
 from services.evaluation import EvalOptions, evaluate_problems, rollout_requests, score_requests
 from services.fleet import Fleet
 from services.progress import StageProgress
-from services.selection import checkpoint_ranking, selection_summary
-from services.stages import EndRule, StageKind, get_stage_kind
 from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
                               read_jsonl, write_atomic)
+from services.selection import checkpoint_ranking, record_selection
+from services.stages import EndRule, StageKind, get_stage_kind
 from services.tracking import start_tracker
 
 EXIT_INTERRUPTED = 130
@@ -227,10 +227,6 @@ class Run:
     def versions(self) -> list[int]:
         return self.fleet.versions()
 
-    @property
-    def seed(self) -> int:
-        return self.cfg.trainer.seed
-
     def sync(self) -> dict[str, float]:
         """Learner -> every engine, then (every `probe_every`) the logprob probe on a fixed sequence."""
         metrics = self.fleet.sync()
@@ -252,9 +248,7 @@ class Run:
         if self.fleet.dirty:
             self.sync()
         ev = self.cfg.evaluation
-        options = EvalOptions(protocol=ev.protocol, mode=ev.mode, temperature=ev.temperature,
-                              max_tokens=ev.max_tokens, seed=self.cfg.trainer.seed,
-                              system_prompt=self.cfg.data.system_prompt)
+        options = EvalOptions(**asdict(ev), seed=self.cfg.trainer.seed, system_prompt=self.cfg.data.system_prompt)
         responses: list[Trajectory] = []
 
         def generate(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
@@ -330,8 +324,7 @@ class Run:
             last = report["stages"][-1]
             report.update({"heldout_accuracy_final": last["heldout_accuracy"], "final_checkpoint": last["checkpoint"],
                            "data_skipped": dict(self.skipped)})
-            selection = selection_summary(report, read_jsonl(self.run_dir / METRICS_FILE))
-            report.update({k: selection[k] for k in ("checkpoint_ranking", "critical_entropy_accuracy_spearman")})
+            record_selection(report, read_jsonl(self.run_dir / METRICS_FILE), self.cfg.checkpoint.select_by)
             self._write_report(report)
         except ActorFailure as failure:
             raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ DEFAULT_METRICS = ("reward/mean", "reward/accuracy", "actor/entropy", "actor/cri
                    "eval/heldout/accuracy", "timing_s/step")
 CURVES = (("reward/mean", "reward (train)"), ("eval/heldout/accuracy", "held-out accuracy"),
           ("actor/entropy", "policy entropy (nats)"))
+
+
+def default_tracking_uri(out_dir: str | Path = "runs") -> str:
+    """$MLFLOW_TRACKING_URI, else a sqlite file in the runs folder (the run directories' parent)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
 def search(tracking_uri: str, experiment: str | None, runs: list[str], max_results: int = 20):
@@ -90,8 +96,6 @@ def plot_runs(client, run_uuids: list[str], out: str | Path) -> Path:
 
 
 def main(argv) -> int:
-    from services.tracking import default_tracking_uri
-
     parser = argparse.ArgumentParser(prog="vireo runs", description="Compare runs and plot their curves (MLflow).")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("compare", "print runs side by side"), ("plot", "draw reward, held-out accuracy, entropy")):

@@ -16,7 +16,7 @@ CRITERIA = ("critical_entropy", "heldout_accuracy", "reward")
 REWARD_WINDOW = 5  # training steps up to a checkpoint whose mean reward/mean it is credited with
 
 
-def checkpoint_ranking(report: dict, metrics: list[dict], by: str = "critical_entropy") -> list[dict]:
+def checkpoint_ranking(report: dict, metrics: list[dict], by: str) -> list[dict]:
     """One row per evaluated checkpoint of the primary held-out set, best first by `by` (NaN last)."""
     if by not in CRITERIA:
         raise ValueError(f"unknown selection criterion {by!r}; known: {', '.join(CRITERIA)}")
@@ -46,14 +46,21 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return cov / (sx * sy) if sx and sy else float("nan")
 
 
-def selection_summary(report: dict, metrics: list[dict], by: str = "critical_entropy") -> dict:
+def selection_summary(report: dict, metrics: list[dict], by: str) -> dict:
     ranking = checkpoint_ranking(report, metrics, by)
     rho = spearman([r["critical_entropy"] for r in ranking], [r["heldout_accuracy"] for r in ranking])
-    return {"by": by, "checkpoint_ranking": ranking, "chosen": ranking[0] if ranking else None,
+    return {"select_by": by, "checkpoint_ranking": ranking, "chosen": ranking[0] if ranking else None,
             "critical_entropy_accuracy_spearman": rho}
 
 
-def select_checkpoint(run_dir: str | Path, by: str = "critical_entropy") -> dict:
+def record_selection(report: dict, metrics: list[dict], by: str) -> None:
+    """The end of a run: its report ranks the checkpoints by `by`, the criterion retention pruned by
+    (checkpoint.select_by), so the report, the printed table and the checkpoints kept agree."""
+    summary = selection_summary(report, metrics, by)
+    report.update({k: summary[k] for k in ("select_by", "checkpoint_ranking", "critical_entropy_accuracy_spearman")})
+
+
+def select_checkpoint(run_dir: str | Path, by: str) -> dict:
     """Rank RUN_DIR's checkpoints; writes RUN_DIR/selection.json and returns it."""
     run_dir = Path(run_dir)
     if not (run_dir / REPORT_FILE).is_file():
@@ -66,11 +73,12 @@ def select_checkpoint(run_dir: str | Path, by: str = "critical_entropy") -> dict
 
 
 def format_ranking(summary: dict) -> str:
+    """The ranking table of a selection summary or of a run's report (record_selection)."""
     lines = [f"{'rank':<5}{'step':>6}  {'stage':<12}{'crit. entropy':>14}{'held-out':>10}{'reward':>8}  checkpoint"]
     for i, r in enumerate(summary["checkpoint_ranking"], 1):
         lines.append(f"{i:<5}{r['step']:>6}  {r['stage']:<12}{r['critical_entropy']:>14.3f}"
                      f"{r['heldout_accuracy']:>10.3f}{r['reward_mean']:>8.3f}  {r['checkpoint']}")
-    lines.append(f"by {summary['by']}; Spearman(critical-token entropy, held-out accuracy) = "
+    lines.append(f"by {summary['select_by']}; Spearman(critical-token entropy, held-out accuracy) = "
                  f"{summary['critical_entropy_accuracy_spearman']:.3f} over {len(summary['checkpoint_ranking'])} "
                  "checkpoints")
     return "\n".join(lines)

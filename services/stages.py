@@ -1,7 +1,8 @@
 """Stage kinds and end rules: a run is a list of stages (P3 §2: cold-start SFT -> GRPO -> connector-only).
 
-A stage kind is one registered class with `step(step) -> metrics`; the run (services/run.py) owns the loop, the
-checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext (the run).
+A stage kind is one registered class with `step(step) -> metrics`; the run (services/run.py) owns the
+loop, the checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext
+(the run is one; a test may pass its own), so this module does not import the run that imports it.
 """
 from __future__ import annotations
 
@@ -9,62 +10,51 @@ import dataclasses
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from common.registry import Registry
 from learner import algos
 from learner.types import LossConfig, StageSpec, TrainSample
-from rollout.types import SamplingConfig
+from reward.types import RewardResult
+from rollout.types import SamplingConfig, Trajectory
 from services.data.mix import MixSampler
+from services.data.problems import Problem
 
 if TYPE_CHECKING:
-    from reward.types import RewardResult
-    from rollout.types import Trajectory
-    from services.config import EndConfig, StageConfig
-    from services.data.problems import Problem
+    from services.config import EndConfig, RunConfig, StageConfig
 
 
 class StageContext(Protocol):
-    """What a stage kind may ask of the run it is part of (services.run.Run is one; a test may pass its
-    own): kinds never reach the actors, the loop or the checkpoints."""
+    """What a stage kind may call: the run's config and the actors behind generate/score/train/sync."""
 
-    seed: int
+    cfg: RunConfig
 
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]: ...
 
-    def score(self, problems: dict[str, Problem], trajectories: list[Trajectory], draw: int = 0) -> list[RewardResult]: ...
-
-    def sft_sample(self, problem: Problem) -> TrainSample: ...
+    def score(self, problems: dict[str, Problem], trajectories: list[Trajectory],
+              draw: int = 0) -> list[RewardResult]: ...
 
     def train(self, samples: list[TrainSample]) -> dict[str, float]: ...
 
     def sync(self) -> dict[str, float]: ...
 
+    def sft_sample(self, problem: Problem) -> TrainSample: ...
+
     def versions(self) -> list[int]: ...
 
-STAGE_KINDS: dict[str, type[StageKind]] = {}
-
-
-def register_stage_kind(name: str) -> Callable[[type[StageKind]], type[StageKind]]:
-    def deco(cls: type[StageKind]) -> type[StageKind]:
-        STAGE_KINDS[name] = cls
-        return cls
-
-    return deco
-
-
-def get_stage_kind(name: str) -> type[StageKind]:
-    if name not in STAGE_KINDS:
-        raise ValueError(f"unknown stage kind {name!r}; known: {', '.join(sorted(STAGE_KINDS))}")
-    return STAGE_KINDS[name]
+STAGE_KINDS: Registry[type[StageKind]] = Registry("stage kind")
+register_stage_kind = STAGE_KINDS.register
+get_stage_kind = STAGE_KINDS.lookup
 
 
 class StageKind:
-    """What one step of a stage does. needs_solution: its data must carry target texts (SFT)."""
+    """What one step of a stage does. needs_solution: its data must carry target texts (SFT); samples: its
+    steps sample groups of responses and score them (group advantages need sampling.n >= 2)."""
 
     needs_solution = False
+    samples = False
     policy_loss: str | None = None  # a kind that fixes its loss (SFT) names it; else the stage's algo
 
     def __init__(self, ctx: StageContext, cfg: StageConfig, sampler: MixSampler):
@@ -100,6 +90,8 @@ class SftStage(StageKind):
 class GrpoStage(StageKind):
     """Rollouts -> rewards -> group advantages -> policy update -> weights back (P3 §2.4)."""
 
+    samples = True
+
     def max_tokens(self, step: int) -> int:
         grown = [tokens for from_step, tokens in sorted(self.cfg.sampling.max_tokens_schedule.items())
                  if step >= from_step]
@@ -115,7 +107,7 @@ class GrpoStage(StageKind):
         problems = self.sampler.draw(cfg.batch_size)
         sampling = SamplingConfig(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                   max_tokens=self.max_tokens(step),
-                                  seed=ctx.seed * 100_003 + global_step)
+                                  seed=ctx.cfg.trainer.seed * 100_003 + global_step)
         trajs = ctx.generate(problems, sampling)
         t_gen = time.time()
         results = ctx.score({p.id: p for p in problems}, trajs, draw=global_step)

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from common.registry import Registry
 from services.run_dir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, REPORT_FILE, write_atomic
+from services.runs import default_tracking_uri, plot_runs
 
 if TYPE_CHECKING:
     from services.config import RunConfig
@@ -39,15 +41,8 @@ class MetricsBackend(Protocol):
     def close(self) -> None: ...
 
 
-TRACKER_BACKENDS: dict[str, type[MetricsBackend]] = {}
-
-
-def register_backend(name: str):
-    def wrap(cls):
-        TRACKER_BACKENDS[name] = cls
-        return cls
-
-    return wrap
+TRACKER_BACKENDS: Registry[type[MetricsBackend]] = Registry("tracker backend")
+register_backend = TRACKER_BACKENDS.register
 
 
 @register_backend("jsonl")
@@ -101,7 +96,7 @@ def start_tracker(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pr
     """The backends named in cfg.tracking.backends, each started with the run's config and identity;
     `resumed_rows` (a resumed run): the metrics rows its checkpoint had seen."""
     run = RunContext(cfg, run_dir.name, run_dir, log, resumed_rows)
-    backends = [TRACKER_BACKENDS[name]() for name in cfg.tracking.backends]
+    backends = [TRACKER_BACKENDS.lookup(name)() for name in cfg.tracking.backends]
     for backend in backends:
         backend.start(run)
     return Tracker(backends)
@@ -213,11 +208,6 @@ def mlflow_key(key: str) -> str:
     return key[:250] or "_"
 
 
-def default_tracking_uri(out_dir: str | Path = "runs") -> str:
-    """$MLFLOW_TRACKING_URI, else a sqlite file in the runs folder (the run directories' parent)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
-
-
 def sqlite_artifacts(uri: str) -> Path | None:
     """A sqlite store keeps its artifacts beside the database file. MLflow's default (./mlartifacts under the
     process's working directory) would put them in a `ray job submit` job's working_dir, which the cluster
@@ -318,8 +308,6 @@ class MlflowBackend:
             self.client.log_batch(self.run_uuid, metrics=batch[i:i + 1000])
 
     def close(self) -> None:
-        from services.runs import plot_runs
-
         run_dir = self.run.run_dir
         plot_runs(self.client, [self.run_uuid], run_dir / CURVES_FILE)
         for name in (CONFIG_FILE, REPORT_FILE, CURVES_FILE):

@@ -50,7 +50,7 @@ def fleet(ray_session, tiny_model_dir):
     the tests that kill its actors leave it to repair itself, as a long-lived fleet must."""
     from fleets import FLEET_LAYOUT
 
-    from services.config import load_config
+    from services.checks import load_config
     from services.fleet import Fleet
 
     model = tiny_model_dir("internvl")

@@ -11,7 +11,8 @@ import textwrap
 import pytest
 
 from services.checkpoints import LATEST, STATE_FILE, CheckpointConfig, CheckpointStore
-from services.config import ConfigError, load_config, resume_config, to_yaml
+from services.checks import load_config, resume_config
+from services.config import ConfigError, to_yaml
 from services.data.mix import MixSampler
 from services.data.problems import Problem
 from services.run_dir import read_jsonl

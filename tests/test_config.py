@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from services.config import ConfigError, load_config
+from services.checks import load_config
+from services.config import ConfigError
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -50,7 +51,7 @@ BAD_OVERRIDES = [  # (overrides, what the error must name)
     (["learner.optim.dtype=int8"], "learner.optim.dtype"),
     (["learner.optim.micro_batch_size=0"], "micro_batch_size"),
     (["learner.optim.weight_bucket_mb=0"], "learner.optim.weight_bucket_mb"),
-    (["learner.optim.weight_transport=pigeon"], "weight transport"),
+    (["learner.optim.weight_transport=pigeon"], "learner.optim.weight_transport"),
     (["learner.master_port=70000"], "learner.master_port"),
     (["reward.timeout_s=0"], "reward.timeout_s"),
     (["reward.accuracy_weight=0", "reward.format_weight=0"], "reward.accuracy_weight"),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from learner.types import TrainSample
-from services.config import load_config
+from services.checks import load_config
 from services.fleet import chunks
 from services.run import Run
 from services.data.loading import DataError

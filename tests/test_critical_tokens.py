@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from learner.critical_tokens import (DEFAULT_CRITICAL_WORDS, critical_token_ids, entropy_metrics, entropy_stats,
-                                     variants)
+from learner.critical_tokens import critical_token_ids, entropy_metrics, entropy_stats, variants
+from learner.types import DEFAULT_CRITICAL_WORDS
 
 
 def test_every_spelled_variant_is_found_and_no_other_id(tiny_model_dir):

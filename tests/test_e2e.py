@@ -13,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 from learner.param_groups import group_of
 from fleets import FLEET_LAYOUT, run_on
 
-from services.config import load_config
+from services.checks import load_config
 from services.run import Run
 from services.data.loading import load_problems
 from services.run_dir import read_jsonl

@@ -20,7 +20,7 @@ import ray
 from fleets import FLEET_LAYOUT, run_on, wrapped
 
 from services.cli import main
-from services.config import load_config
+from services.checks import load_config
 from services.run import RunStopped
 from services.run_dir import read_jsonl
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from bench.ablations import ABLATIONS, ARMS
 from bench.learning import control_config
-from services.config import load_config
+from services.checks import load_config
 
 
 def _arm(name: str, extra: list[str] = ()):

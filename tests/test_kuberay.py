@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from services.config import load_config
+from services.checks import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RAYJOB_CRD = ROOT / "tests" / "fixtures" / "ray.io_rayjobs.yaml"  # KubeRay's, see tests/fixtures/README.md

@@ -26,7 +26,8 @@ def _samples(worker, n: int):
 
 def _run(rank: int, world: int, micro: int, n: int, model_path: str, out: str, port: int) -> None:
     from learner.types import LossConfig, OptimConfig, StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
     from services.fleet import shard_batch
 
     worker = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro, grad_clip=1e9), rank, world,

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from actors.learner_actor import free_port
 
 LR, CLIP, STEPS, N_PROMPTS, GROUP = 1e-4, 1.0, 2, 4, 3
+TEMPERATURE = 0.7  # a stage sampling at 0.7 trains the policy at 0.7 (it used a run-wide 1.0)
 INIT_SCALE = 0.02  # the tiny model's initializer_range
 
 
@@ -49,12 +50,13 @@ def _vireo(rank: int, world: int, micro: int, model_path: str, out: str, port: i
     from safetensors.torch import save_file
 
     from learner.types import OptimConfig, StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
     from services.fleet import shard_batch
 
     worker = LearnerWorker(model_path, LearnerConfig(micro_batch_size=micro, grad_clip=CLIP), rank, world,
                            "127.0.0.1", port)
-    worker.begin_stage(StageSpec("grpo", total_steps=STEPS, optim=OptimConfig(lr=LR)))
+    worker.begin_stage(StageSpec("grpo", total_steps=STEPS, optim=OptimConfig(lr=LR), temperature=TEMPERATURE))
     metrics = [worker.train_step(shard_batch(batch, world)[rank]) for batch in _batches(worker.processor)]
     weights = {name: tensor.to("cpu", copy=True) for name, tensor in worker.named_weights()}
     if rank == 0:
@@ -87,7 +89,7 @@ def _reference(model_path: str) -> tuple[list[dict], dict[str, torch.Tensor], di
             mask[i, len(s.prompt_token_ids) - 1:len(seq) - 1] = 1
         pixels = processor.image_processor(images=[im for s in batch for im in decode_images(s.images)],
                                            return_tensors="pt")["pixel_values"]
-        logits = model(input_ids=ids, attention_mask=attention, pixel_values=pixels).logits[:, :-1].float()
+        logits = model(input_ids=ids, attention_mask=attention, pixel_values=pixels).logits[:, :-1].float() / TEMPERATURE
         logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         advantages = torch.tensor([s.advantage for s in batch])[:, None]
         ratio = torch.exp(logprobs - logprobs.detach())

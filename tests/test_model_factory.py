@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from learner.param_groups import GROUPS, group_of, set_trainable
+from learner.param_groups import group_of, set_trainable
+from learner.types import GROUPS
 from rollout.prompts import decode_images, image_token_ids, render_prompt
 from services.data.synthetic import generate_problem
 

@@ -21,7 +21,7 @@ import yaml
 from fleets import FLEET_LAYOUT
 
 from actors.learner_actor import free_port
-from services.config import load_config
+from services.checks import load_config
 from services.run import Run
 from services.tracking import PrometheusBackend
 

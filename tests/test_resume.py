@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from fleets import FLEET_LAYOUT, run_on, wrapped
 
-from services.config import load_config, resume_config
+from services.checks import load_config, resume_config
 from services.run import Run, RunStopped
 from services.run_dir import read_jsonl
 

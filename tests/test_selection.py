@@ -7,7 +7,7 @@ import math
 import pytest
 
 from services.cli import main
-from services.selection import checkpoint_ranking, select_checkpoint, spearman
+from services.selection import checkpoint_ranking, format_ranking, record_selection, select_checkpoint, spearman
 
 
 def _report():
@@ -24,7 +24,7 @@ METRICS = [{"step": s, "reward/mean": 0.01 * s} for s in range(1, 41)] + [{"step
 
 def test_ranking_by_each_criterion():
     report = _report()
-    assert [r["step"] for r in checkpoint_ranking(report, METRICS)] == [20, 40, 30, 10]
+    assert [r["step"] for r in checkpoint_ranking(report, METRICS, "critical_entropy")] == [20, 40, 30, 10]
     assert [r["step"] for r in checkpoint_ranking(report, METRICS, "heldout_accuracy")] == [40, 20, 30, 10]
     by_reward = checkpoint_ranking(report, METRICS, "reward")
     assert [r["step"] for r in by_reward] == [40, 30, 20, 10]
@@ -51,3 +51,30 @@ def test_select_checkpoint_command(tmp_path, capsys):
     assert saved["chosen"]["checkpoint"] == "ck/20" and saved["critical_entropy_accuracy_spearman"] == pytest.approx(0.8)
     assert select_checkpoint(tmp_path, "heldout_accuracy")["chosen"]["step"] == 40
     assert main(["select-checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_a_run_report_ranks_by_its_select_by():
+    """Retention prunes by checkpoint.select_by; the report must rank by it too (it ranked by entropy)."""
+    report = _report()
+    record_selection(report, METRICS, "heldout_accuracy")
+    assert report["select_by"] == "heldout_accuracy" and [r["step"] for r in report["checkpoint_ranking"]] == [40, 20, 30, 10]
+    assert "by heldout_accuracy;" in format_ranking(report)
+
+
+def test_train_prints_the_ranking_by_select_by(tmp_path, monkeypatch, capsys):
+    import services.run
+
+    class FakeRun:  # what Run.run leaves in the report, without Ray
+        def __init__(self, cfg, run_dir):
+            self.cfg = cfg
+
+        def run(self):
+            report = {**_report(), "heldout_accuracy_initial": 0.0, "stages": []}
+            record_selection(report, METRICS, self.cfg.checkpoint.select_by)
+            return report
+
+    monkeypatch.setattr(services.run, "Run", FakeRun)
+    assert main(["train", "checkpoint.select_by=heldout_accuracy", f"out_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "by heldout_accuracy;" in out and "by critical_entropy" not in out
+    assert out.index("ck/40") < out.index("ck/20")

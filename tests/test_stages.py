@@ -8,7 +8,8 @@ import pytest
 from learner import algos
 from learner.schedules import lr_at
 from learner.types import TrainSample
-from services.config import ConfigError, EarlyStopRule, EndConfig, ThresholdRule, load_config
+from services.checks import load_config
+from services.config import ConfigError, EarlyStopRule, EndConfig, ThresholdRule
 from services.fleet import shard_batch
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
@@ -132,3 +133,13 @@ def test_grpo_response_budget_grows_on_schedule():
 def test_unknown_names_are_config_errors_listing_choices(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_a_grpo_stage_trains_at_the_temperature_it_samples_at():
+    """The learner divides logits by the stage's sampling temperature (it used a run-wide learner setting, so a
+    stage sampling at 0.7 trained another policy than the one it sampled from)."""
+    cfg = load_config(None, ["stages.0.sampling.temperature=0.7"])
+    grpo = get_stage_kind("grpo")(None, cfg.stages[0], None)
+    assert grpo.spec(10).temperature == 0.7
+    sft = get_stage_kind("sft")(None, load_config(None, ["stages.0.kind=sft"]).stages[0], None)
+    assert sft.spec(10).temperature == 1.0

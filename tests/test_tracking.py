@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from services.cli import main as cli
-from services.config import ConfigError, load_config
+from services.checks import load_config
+from services.config import ConfigError
 from services.progress import StageProgress
 from services.tracking import PrometheusBackend, RunContext, mlflow_key, start_tracker
 

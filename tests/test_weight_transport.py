@@ -274,7 +274,8 @@ def test_a_learner_failure_mid_send_ends_the_engines_update_too():
 
 def _zero3_rank(rank: int, world: int, model_path: str, out: str, port: int) -> None:
     from learner.types import StageSpec
-    from learner.worker import LearnerConfig, LearnerWorker
+    from learner.types import LearnerConfig
+    from learner.worker import LearnerWorker
 
     worker = LearnerWorker(model_path, LearnerConfig(zero_stage=3, weight_bucket_mb=0.05), rank, world, "127.0.0.1", port)
     worker.begin_stage(StageSpec("rl", trainable=("connector", "llm")))

@@ -18,8 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from reward import mmmu
+from reward.compose import ACCURACY_SCORERS
 from rollout.prompts import UnusableImage, decode_image
-from services.data.problems import ANSWER_TYPES, IMAGE_PLACEHOLDER, Problem
+from services.data.problems import IMAGE_PLACEHOLDER, Problem
 
 LETTERS = string.ascii_uppercase
 
@@ -243,7 +244,7 @@ def _validated(problem: Problem) -> Problem:
         raise Skip("missing_question")
     if not problem.answer.strip():
         raise Skip("missing_answer")
-    if problem.answer_type not in ANSWER_TYPES:
+    if problem.answer_type not in ACCURACY_SCORERS:
         raise Skip("bad_answer_type")
     if problem.answer_type == "choice":
         if not problem.options:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from reward.types import ANSWER_TYPES
 from rollout.prompts import IMAGE_PLACEHOLDER
 
-__all__ = ["ANSWER_TYPES", "IMAGE_PLACEHOLDER", "Problem"]
+__all__ = ["IMAGE_PLACEHOLDER", "Problem"]
 
 
 @dataclass(frozen=True)

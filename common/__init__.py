@@ -1,0 +1,1 @@
+"""Leaf helpers every room shares; imports nothing from the project."""
