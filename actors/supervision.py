@@ -111,6 +111,7 @@ class RolloutPool:
         self.replacement_waits: list[float] = []  # seconds a step waited for a replacement to come up
         self.spare_startups: list[float] = []  # seconds from a spare's start to its taking weights (off the step)
         self._started_at = {id(s): time.monotonic() for s in self.spares}
+        self._probes = {id(a): a.weights_version.remote() for a in self.actors + self.spares}  # answered once up
         self._serving = False  # the first ready() is the pool's own start, not a replacement
 
     def serving(self) -> list[int]:
@@ -188,6 +189,12 @@ class RolloutPool:
         self.actors[slot] = spare
         self.maintain()
 
+    def _probe(self, actor):
+        """The actor's start-up probe: a call queued behind its constructor, answered once it is up."""
+        if id(actor) not in self._probes:
+            self._probes[id(actor)] = actor.weights_version.remote()
+        return self._probes[id(actor)]
+
     def maintain(self) -> None:
         """Start the spares that are missing (none before the budget's backoff has passed); never waits."""
         while len(self.spares) < self.spare_count and time.monotonic() >= self.budget.not_before:
@@ -199,10 +206,11 @@ class RolloutPool:
         on every sync; a spare that died starting is dropped and started again. Never waits for a start."""
         self.maintain()
         cold = [s for s in self.spares if s not in self.warm]
-        refs = {s.weights_version.remote(): s for s in cold}
+        refs = {self._probe(s): s for s in cold}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
         up = []
         for ref in done:
+            self._probes.pop(id(refs[ref]), None)
             try:
                 ray.get(ref)
                 up.append(refs[ref])
@@ -239,11 +247,13 @@ class RolloutPool:
         while self._fresh:
             slots = sorted(set(self._fresh))
             if not wait:
-                refs = {self.actors[s].weights_version.remote(): s for s in slots}
+                refs = {self._probe(self.actors[s]): s for s in slots}
                 done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0)
                 slots = sorted(refs[r] for r in done)
                 if not slots:
                     return
+            for slot in slots:
+                self._probes.pop(id(self.actors[slot]), None)
             started = time.monotonic()
             self._fresh = [s for s in self._fresh if s not in slots]
             try:

@@ -50,7 +50,7 @@ class RolloutConfig:
     """The rollout engines (sampling settings belong to each grpo stage)."""
 
     num_actors: int = 2
-    spares: int = -1  # started actors off the work path that take a lost one's place; -1: one if it fits
+    spares: int = -1  # started actors off the work path that take a lost one's place; -1: one on a cluster with room
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     engine: EngineOptions = field(default_factory=EngineOptions)

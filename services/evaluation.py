@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from learner.types import TrainSample
 from reward import mmmu
 from reward.benchmark import score_rows
 from reward.format_scorer import score_format
@@ -82,6 +83,52 @@ def evaluate_problems(problems: list[Problem], generate: Generate, score: Score,
     rows, summary = score([problem_row(p, responses[p.id]) for p in problems], protocol, options.mode)
     summary["format_rate"] = sum(score_format(p["response"]) for p in rows) / max(len(rows), 1)
     return rows, summary
+
+
+@dataclass
+class EvalResult:
+    """One held-out set judged during training: the protocol's figures, and the learner's on the model's
+    own responses (entropy, critical-token entropy) and on the reference solutions (sft_loss)."""
+
+    accuracy: float
+    format_rate: float
+    unparsed_rate: float
+    n: int
+    by_subject: dict[str, float]
+    sft_loss: float = float("nan")
+    entropy: float = float("nan")
+    critical_entropy: float = float("nan")
+    critical_token_rate: float = float("nan")
+    high_entropy_fraction: float = float("nan")
+
+
+LEARNER_FIGURES = ("sft_loss", "entropy", "critical_entropy", "critical_token_rate", "high_entropy_fraction")
+
+
+def evaluate_with_learner(problems: list[Problem], options: EvalOptions, generate: Generate, score: Score,
+                          evaluate_responses: Callable[[list[TrainSample]], dict[str, float]],
+                          sft_sample: Callable[[Problem], TrainSample]) -> EvalResult:
+    """Held-out accuracy as `vireo eval` computes it (evaluate_problems: the rollout actors generate, the
+    reward actor judges by the benchmark protocol), plus the learner's forward pass over the model's own
+    responses (the entropy figures, P3 §5.1) and over the reference solutions (the validation loss an SFT
+    stage's early stopping watches, P3 §2.5)."""
+    responses: list[Trajectory] = []
+
+    def generate_and_keep(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
+        out = generate(batch, sampling)
+        responses.extend(out)
+        return out
+
+    _, summary = evaluate_problems(problems, generate_and_keep, score, options)
+    own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses if t.response_token_ids]
+    figures = evaluate_responses(own) if own else {}
+    with_solution = [p for p in problems if p.solution]
+    if with_solution:
+        figures["sft_loss"] = evaluate_responses([sft_sample(p) for p in with_solution])["loss"]
+    return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
+                      unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
+                      by_subject={s: v["acc"] for s, v in summary["subjects"].items()},
+                      **{k: figures[k] for k in LEARNER_FIGURES if k in figures})
 
 
 def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_dir: str | None = None,

@@ -29,7 +29,7 @@ from services.config import RunConfig, flat
 
 REWARD_CPUS = 0.1
 # What a fleet's actors are built from; a run that differs in one of these needs a fleet of its own.
-LAYOUT_KEYS = ("ray_address", "worker_logs_to_console", "rollout.", "learner.num_ranks", "learner.num_cpus_per_rank",
+LAYOUT_KEYS = ("ray_address", "worker_logs_to_console", "rollout.", "learner.num_cpus_per_rank",
                "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.zero_stage", "learner.optim.dtype",
                "learner.optim.weight_transport", "learner.optim.weight_bucket_mb", "model.arch")
 MODEL_FILES = ("config.json", "tokenizer.json")  # the engines keep the tokenizer they started with
@@ -69,13 +69,13 @@ def chunks(items: list, n: int) -> list[list]:
 
 
 def spares_that_fit(cfg: RunConfig, needed: dict[str, float]) -> int:
-    """rollout.spares=-1: one spare where the cluster has room for a rollout actor beyond the run's own
-    (on a local Ray, counted against the machine's real cores), else none."""
+    """rollout.spares=-1: on a cluster, one spare where it has room for a rollout actor beyond the run's
+    own; on a one-machine run none (its start-up would take the cores the run itself uses)."""
     if cfg.rollout.spares >= 0:
         return cfg.rollout.spares
-    have = dict(ray.cluster_resources())
     if not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
-        have["CPU"] = float(os.cpu_count() or 1)
+        return 0
+    have = ray.cluster_resources()
     room = all(have.get(k, 0.0) - needed[k] >= per - 1e-9 for k, per in
                (("CPU", cfg.rollout.num_cpus_per_actor), ("GPU", cfg.rollout.num_gpus_per_actor)))
     return 1 if room else 0
@@ -161,7 +161,10 @@ class Fleet:
 
     def reset(self, cfg: RunConfig, model_path: str, version: int, run_id: str, budget: RestartBudget) -> None:
         """Serve a new run: its settings and restart budget; the learner group loads `model_path` as
-        `version` (a group that lost a rank is started anew) and every engine receives it whole."""
+        `version` (a group that lost a rank, or has another number of ranks than the run asks for, is
+        started anew) and every engine receives it whole."""
+        if self.learners is None:
+            raise ValueError("a generation-only fleet (learners=False) serves the model it started with")
         differs = self.serves(cfg, model_path)
         if differs:
             raise ValueError(f"this fleet cannot run the config: it differs in {', '.join(differs)}")
@@ -173,8 +176,10 @@ class Fleet:
         if reward_changed:
             ray.kill(self.reward.actor, no_restart=True)
             self.reward.actor = self._new_reward_actor()
-        if self.learners_lost or len(self._alive(self.learners.actors)) < len(self.learners.actors):
-            self.log("[fleet] the learner group lost a rank: starting it anew")
+        ranks = cfg.learner.num_ranks
+        if self.learners_lost or len(self.learners.actors) != ranks or len(self._alive(self.learners.actors)) < ranks:
+            self.log(f"[fleet] starting the learner group anew ({ranks} ranks): it lost a rank or had "
+                     f"{len(self.learners.actors)}")
             self.learners.kill()
             self.learners, self.learners_lost = self._new_learner_group(version), False
             self.learners.ready()

@@ -27,14 +27,14 @@ from services.config import RunConfig, StageConfig, to_yaml
 from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
-from services.evaluation import EvalOptions, evaluate_problems, rollout_requests, score_requests
+from services.evaluation import EvalOptions, EvalResult, evaluate_with_learner, rollout_requests, score_requests
 from services.fleet import Fleet
 from services.progress import StageProgress
 from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
                               read_jsonl, write_atomic)
 from services.selection import checkpoint_ranking, record_selection
 from services.stages import EndRule, StageKind, get_stage_kind
-from services.tracking import start_tracker
+from services.tracking import Tracker, start_tracker
 
 EXIT_INTERRUPTED = 130
 
@@ -47,20 +47,6 @@ class RunStopped(Exception):
         super().__init__(message)
         self.code = code
 PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
-
-
-@dataclass
-class EvalResult:
-    accuracy: float
-    format_rate: float
-    unparsed_rate: float
-    n: int
-    by_subject: dict[str, float]
-    sft_loss: float = float("nan")
-    entropy: float = float("nan")
-    critical_entropy: float = float("nan")
-    critical_token_rate: float = float("nan")
-    high_entropy_fraction: float = float("nan")
 
 
 @dataclass
@@ -122,6 +108,8 @@ class Run:
         self.last_checkpoint: str | None = None
         self.stage_start_model: str | None = None
         self.probe_problem: Problem | None = None
+        self.processor = None  # the model's processor (prepare)
+        self.tracker: Tracker | None = None  # the run's metrics sinks (run)
         self._loaded: dict[tuple[str, bool], list[Problem]] = {}
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -148,14 +136,11 @@ class Run:
 
             cfg.model.path = str(_built_once(self.run_dir / MODEL_DIR,
                                              lambda out: make_model(out, cfg.model.arch, cfg.model.seed)))
-        self.load_processor()
-        self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
-        return plans
-
-    def load_processor(self) -> None:
         from transformers import AutoProcessor
 
-        self.processor = AutoProcessor.from_pretrained(self.cfg.model.path)
+        self.processor = AutoProcessor.from_pretrained(cfg.model.path)
+        self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
+        return plans
 
     def _plan(self, stage: StageConfig) -> StagePlan:
         kind = get_stage_kind(stage.kind)
@@ -243,33 +228,13 @@ class Run:
 
     # ---- evaluation: the one judge -----------------------------------------------------------------
     def evaluate(self, problems: list[Problem]) -> EvalResult:
-        """Held-out accuracy as `vireo eval` computes it (services.evaluation.evaluate_problems), with the
-        rollout actors generating and the reward actor judging by the benchmark protocol."""
+        """Held-out figures on the current weights (synced first), by services.evaluation's one judge."""
         if self.fleet.dirty:
             self.sync()
-        ev = self.cfg.evaluation
-        options = EvalOptions(**asdict(ev), seed=self.cfg.trainer.seed, system_prompt=self.cfg.data.system_prompt)
-        responses: list[Trajectory] = []
-
-        def generate(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
-            out = self.generate(batch, sampling)
-            responses.extend(out)
-            return out
-
-        _, summary = evaluate_problems(
-            problems, generate,
-            self.fleet.score_benchmark, options)
-        own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses
-               if t.response_token_ids]
-        figures = self.fleet.evaluate_responses(own) if own else {}
-        with_solution = [p for p in problems if p.solution]
-        if with_solution:  # the validation loss: NLL of the held-out reference solutions
-            figures["sft_loss"] = self.fleet.evaluate_responses([self.sft_sample(p) for p in with_solution])["loss"]
-        return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
-                          unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
-                          by_subject={s: v["acc"] for s, v in summary["subjects"].items()},
-                          **{k: figures[k] for k in ("sft_loss", "entropy", "critical_entropy", "critical_token_rate",
-                                                     "high_entropy_fraction") if k in figures})
+        options = EvalOptions(**asdict(self.cfg.evaluation), seed=self.cfg.trainer.seed,
+                              system_prompt=self.cfg.data.system_prompt)
+        return evaluate_with_learner(problems, options, self.generate, self.fleet.score_benchmark,
+                                     self.fleet.evaluate_responses, self.sft_sample)
 
     def evaluate_heldout(self, name: str, step: int, stage: str, sets: dict[str, list[Problem]], report: dict,
                          checkpoint: str | None = None) -> dict[str, float]:

@@ -155,7 +155,7 @@ stages:
   - {name: cold, kind: sft, batch_size: 8, optim: {lr: 1.0e-3}, end: {max_steps: 2}}
   - {name: rl, kind: grpo, batch_size: 4, optim: {lr: 1.0e-3, weight_decay: 0.1}, sampling: {n: 4, max_tokens: 12},
      algo: {drop_uniform_groups: false, loss_agg_mode: seq-mean-token-mean, kl_coef: 0.01, kl_estimator: k2}, end: {max_steps: 2}}
-""", extra=["rollout.num_actors=1", "rollout.spares=0"])  # a fleet of its own, beside the warm one
+""", extra=["rollout.num_actors=1", "rollout.spares=0", "learner.num_ranks=1"])  # a fleet of its own
     assert [s["end_step"] for s in report["stages"]] == [2, 4]
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert len(rows) == 2 and rows[-1]["sync/logprob_diff_max"] < 1e-3

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from fleets import FLEET_LAYOUT, run_on, wrapped
 
 from services.checks import load_config, resume_config
-from services.run import Run, RunStopped
+from services.run import RunStopped
 from services.run_dir import read_jsonl
 
 SHORT_DEMO = ["data.n_train=96", "data.n_heldout=16", "evaluation.max_tokens=16", "reward.workers=1",
@@ -89,10 +89,10 @@ def test_killed_and_resumed_equals_straight(straight_and_resumed):
     assert [e["step"] for e in straight["eval"]] == [e["step"] for e in resumed["eval"]]
 
 
-def test_resume_on_another_learner_world_size(straight_and_resumed):
+def test_resume_on_another_learner_world_size(straight_and_resumed, fleet):
     tmp, straight, *_ = straight_and_resumed
-    cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1", "rollout.spares=0"])
-    report = Run(cfg, tmp / "killed-copy", log=lambda *_: None).run()  # a fleet of its own: another layout
+    cfg = resume_config(tmp / "killed-copy" / "config.yaml", ["learner.num_ranks=1"])
+    report = run_on(fleet, cfg, tmp / "killed-copy")  # the fleet starts a 1-rank learner group for it
     assert [s["end_step"] for s in report["stages"]] == [s["end_step"] for s in straight["stages"]]
     rows = [r for r in read_jsonl(tmp / "killed-copy" / "metrics.jsonl") if "event" not in r]
     assert [r["step"] for r in rows] == STEPS

@@ -8,7 +8,7 @@ import pytest
 from reward.benchmark import score_rows
 from services.scoring import main, score_file
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"
 OPTIONS = ["cat", "dog", "bird", "fish"]
 
 MMMU_ROWS = [
@@ -82,8 +82,6 @@ def test_math_protocol_by_difficulty(tmp_path):
 
 
 def test_fixture_end_to_end_and_cli(tmp_path, capsys):
-    if not FIXTURE.is_file():
-        pytest.skip(f"fixture not found: {FIXTURE}")
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
     expected = sum(r["official_pred"] == r["answer"] for r in rows)
     out = tmp_path / "scored.jsonl"
