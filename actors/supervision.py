@@ -109,8 +109,8 @@ class RolloutPool:
         self.catch_up: Callable[[list], None] = lambda actors: None
         self._fresh: list[int] = list(range(count))  # started or replaced slots not yet known to be up
         self.replacement_waits: list[float] = []  # seconds a step waited for a replacement to come up
-        self.spare_startups: list[float] = []  # seconds from a spare's start to its taking weights (off the step)
-        self._started_at = {id(s): time.monotonic() for s in self.spares}
+        self.startups: list[float] = []  # seconds from a replacement's or spare's start until it was seen up
+        self._started_at: dict[int, float] = {}  # actors started after the pool's own start
         self._probes = {id(a): a.weights_version.remote() for a in self.actors + self.spares}  # answered once up
         self._serving = False  # the first ready() is the pool's own start, not a replacement
 
@@ -141,7 +141,7 @@ class RolloutPool:
         running: dict[Any, tuple[int, int, float]] = {}  # ref -> (actor slot, shard, started)
         results: dict[int, Any] = {}
         while queue or running:
-            self.ready(wait=not running)
+            self.ready(wait=not running and not self.serving())  # wait only when no actor can serve
             busy = {slot for slot, _, _ in running.values()}
             idle = [s for s in range(len(self.actors)) if s not in busy and s not in self._fresh]
             while queue and idle:
@@ -182,12 +182,21 @@ class RolloutPool:
             self._fresh.append(slot)
             how = "a starting spare takes its place"
         else:
-            spare = self.factory()
+            spare = self._start()
             self._fresh.append(slot)
             how = "a new one starts"
         self.log(f"[faults] {failure}; its prompts go to the live actors, {how}")
         self.actors[slot] = spare
         self.maintain()
+
+    def _start(self):
+        actor = self.factory()
+        self._started_at[id(actor)] = time.monotonic()
+        return actor
+
+    def _seen_up(self, actors: list) -> None:
+        now = time.monotonic()
+        self.startups += [now - self._started_at.pop(id(a)) for a in actors if id(a) in self._started_at]
 
     def _probe(self, actor):
         """The actor's start-up probe: a call queued behind its constructor, answered once it is up."""
@@ -198,8 +207,7 @@ class RolloutPool:
     def maintain(self) -> None:
         """Start the spares that are missing (none before the budget's backoff has passed); never waits."""
         while len(self.spares) < self.spare_count and time.monotonic() >= self.budget.not_before:
-            self.spares.append(self.factory())
-            self._started_at[id(self.spares[-1])] = time.monotonic()
+            self.spares.append(self._start())
 
     def warm_up(self) -> None:
         """Spares that have come up since the last call get the current weights (catch_up) and from then
@@ -222,7 +230,7 @@ class RolloutPool:
         if up:
             self.catch_up(up)
             self.warm += up
-            self.spare_startups += [time.monotonic() - self._started_at.pop(id(s), time.monotonic()) for s in up]
+            self._seen_up(up)
         self.maintain()
 
     def drop_lost_spares(self) -> None:
@@ -259,6 +267,7 @@ class RolloutPool:
             try:
                 get_all([self.actors[s].weights_version.remote() for s in slots], self.startup_timeout_s,
                         [f"rollout actor {s}" for s in slots])
+                self._seen_up([self.actors[s] for s in slots])
                 if self._serving:  # the pool's first actors started with the current weights
                     self.catch_up([self.actors[s] for s in slots])
                 if wait and self._serving:

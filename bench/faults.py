@@ -4,8 +4,8 @@ once undisturbed and once with a rollout actor SIGKILLed while it generates ever
 go to the live ones and a warm spare takes its slot at once; a new spare starts in the background. Prints
 a table, then one JSON object as the last line: `fault_slowdown` (GRPO stage time with faults / without),
 `steps_lost` (steps missing or repeated in the faulty run's metrics), `restarts`, and the cost of a
-replacement: `replacement_wait_s` (time steps waited for one to come up: 0 while a warm spare is there)
-and `spare_startup_s` (a spare's start-up until it took the weights, off the steps' path).
+replacement: `replacement_wait_s` (time steps waited for one to come up) and `replacement_startup_s`
+(median start-up of the actors started off the steps' path, until seen up).
 
     python -m bench.faults [--steps 30] [--every 5] [--coldstart 60] [--spares 1]
 """
@@ -60,7 +60,7 @@ def config(steps: int, coldstart: int, spares: int):
 def run(fleet: Fleet, every: int, steps: int, coldstart: int, spares: int, out: Path) -> dict:
     cfg = config(steps, coldstart, spares)
     kills: list[int] = []
-    waits, startups = len(fleet.pool.replacement_waits), len(fleet.pool.spare_startups)
+    waits, startups = len(fleet.pool.replacement_waits), len(fleet.pool.startups)
     fleet.generate = killing_every(every, fleet, kills)(Fleet.generate.__get__(fleet))
     try:
         report = Run(cfg, out, fleet=fleet, log=lambda *_: None).run()
@@ -73,7 +73,7 @@ def run(fleet: Fleet, every: int, steps: int, coldstart: int, spares: int, out: 
     return {"seconds": grpo["seconds"], "kills": len(kills), "restarts": rows[-1]["actors/restarts"],
             "steps_lost": len(set(expected) - set(steps_seen)) + (len(steps_seen) - len(set(steps_seen))),
             "reward_last5": sum(r["reward/mean"] for r in rows[-5:]) / 5,
-            "replacement_waits": fleet.pool.replacement_waits[waits:], "spare_startups": fleet.pool.spare_startups[startups:]}
+            "replacement_waits": fleet.pool.replacement_waits[waits:], "startups": fleet.pool.startups[startups:]}
 
 
 def main() -> None:
@@ -96,14 +96,14 @@ def main() -> None:
     for name, r in (("clean", clean), ("faulty", faulty)):
         print(f"{name:<10}{r['seconds']:>9.1f}{r['seconds'] / args.steps:>9.2f}{r['kills']:>7}{r['restarts']:>10}"
               f"{r['steps_lost']:>12}{r['reward_last5']:>17.3f}")
-    waits, startups = faulty["replacement_waits"], faulty["spare_startups"]
-    print(f"\nreplacements: {len(waits)} waited inside a step ({sum(waits):.1f} s in all); "
-          f"{len(startups)} spares started off the step path, each up and holding the weights after "
-          f"{statistics.median(startups) if startups else float('nan'):.1f} s (median)")
+    waits, startups = faulty["replacement_waits"], faulty["startups"]
+    print(f"\nreplacements: {len(waits)} waited for inside a step ({sum(waits):.1f} s in all); {len(startups)} "
+          f"actors started off the step path came up after {statistics.median(startups) if startups else float('nan'):.1f} s "
+          f"(median; steps went on meanwhile, on the live actors and any warm spare)")
     print(json.dumps({"fault_slowdown": round(faulty["seconds"] / clean["seconds"], 3),
                       "steps_lost": faulty["steps_lost"], "restarts": faulty["restarts"], "kills": faulty["kills"],
                       "spares": args.spares, "replacement_wait_s": round(sum(waits), 1),
-                      "spare_startup_s": round(statistics.median(startups), 1) if startups else None,
+                      "replacement_startup_s": round(statistics.median(startups), 1) if startups else None,
                       "grpo_steps": args.steps, "kill_every": args.every}))
 
 
