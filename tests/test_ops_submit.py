@@ -24,7 +24,8 @@ from actors.learner_actor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SHORT_DEMO = ["data.n_train=64", "data.n_heldout=16", "rollout.num_actors=1", "learner.num_ranks=1",
+# rollout.spares=0: this head's 2 CPUs are the same 2 cores the run uses (a real cluster with room gets one)
+SHORT_DEMO = ["data.n_train=64", "data.n_heldout=16", "rollout.num_actors=1", "rollout.spares=0", "learner.num_ranks=1",
               "learner.optim.micro_batch_size=8", "evaluation.max_tokens=12", "reward.workers=1",
               "stages=[{name: grpo, kind: grpo, batch_size: 4, sampling: {n: 4, max_tokens: 12}, "
               "algo: {drop_uniform_groups: false}, end: {max_steps: 3}}]"]
