@@ -96,8 +96,8 @@ class RolloutPool:
     a new spare starts in the background. Without a warm spare the slot's new actor serves only once it
     is up and `catch_up` (called with the new actors) has brought it to the learner's current weights;
     until then the live actors take its share. A step therefore completes with every prompt answered by
-    current-version weights. Spares receive every
-    weight sync once `warm_up` has given them the current weights."""
+    current-version weights. Spares receive every weight sync once `warm_up` has given them the current
+    weights."""
 
     def __init__(self, factory: Callable[[], Any], count: int, timeout_s: float, budget: RestartBudget,
                  log: Callable[[str], None] = print, startup_timeout_s: float = 600.0, spares: int = 0):

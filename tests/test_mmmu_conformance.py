@@ -1,5 +1,6 @@
 """Conformance with the official MMMU-Pro parser on 1,730 real GPT-4o chain-of-thought answers."""
 import ast
+import gzip
 import json
 from pathlib import Path
 
@@ -8,12 +9,12 @@ import pytest
 from reward import mmmu
 from reward.choice_scorer import score_choice
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"  # tests/fixtures/README.md
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl.gz"  # tests/fixtures/README.md
 
 
 @pytest.fixture(scope="module")
 def rows():
-    rows = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in gzip.decompress(FIXTURE.read_bytes()).decode("utf-8").splitlines() if line.strip()]
     assert len(rows) == 1730
     for row in rows:
         row["options"] = ast.literal_eval(row["options"])

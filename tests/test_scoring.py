@@ -1,4 +1,5 @@
 """File scoring: per-row fields, skips, summaries (hand-worked), the CLI entry point."""
+import gzip
 import json
 import random
 from pathlib import Path
@@ -8,7 +9,7 @@ import pytest
 from reward.benchmark import score_rows
 from services.scoring import main, score_file
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmmu_pro_gpt4o_cot.jsonl.gz"  # gzipped: 0.8 MB in git instead of 2.7
 OPTIONS = ["cat", "dog", "bird", "fish"]
 
 MMMU_ROWS = [
@@ -82,11 +83,13 @@ def test_math_protocol_by_difficulty(tmp_path):
 
 
 def test_fixture_end_to_end_and_cli(tmp_path, capsys):
-    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    responses = tmp_path / "mmmu_pro_gpt4o_cot.jsonl"  # what `vireo score` reads: the fixture, unzipped
+    responses.write_bytes(gzip.decompress(FIXTURE.read_bytes()))
+    rows = [json.loads(line) for line in responses.read_text().splitlines()]
     expected = sum(r["official_pred"] == r["answer"] for r in rows)
     out = tmp_path / "scored.jsonl"
     # the issue's exact command (default variant: mmmu-pro, 'Answer:' first)
-    assert main(["--protocol", "mmmu", "--mode", "official", str(FIXTURE), str(out)]) == 0
+    assert main(["--protocol", "mmmu", "--mode", "official", str(responses), str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"accuracy {expected / len(rows):.3f} ({expected}/{len(rows)})"
     assert any(line.startswith("Overall-Tech and Engineering") for line in lines)
