@@ -12,11 +12,13 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
-install: $(UV)
+install: $(UV)  # then DeepSpeed's native extensions, so that no run's start-up builds them (learner/extensions.py)
 	$(UV) sync --frozen --inexact --extra $(EXTRA)
+	$(VENV)/bin/python -m learner.extensions
 
 install-test: $(UV)
 	$(UV) sync --frozen --inexact --extra $(EXTRA) --extra test
+	$(VENV)/bin/python -m learner.extensions
 
 demo: install
 	$(VENV)/bin/vireo train configs/demo.yaml

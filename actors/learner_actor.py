@@ -45,18 +45,30 @@ class LearnerActor:
     def save_training_state(self, out_dir: str) -> None:
         self.worker.save_training_state(out_dir)
 
+    def read_marker(self, path: str) -> tuple[str, str | None]:
+        """This rank's node and what it reads at `path` (None: no such file here): whether the driver's
+        run directory is this node's too."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return ray.util.get_node_ip_address(), f.read()
+        except OSError:
+            return ray.util.get_node_ip_address(), None
+
     def load_training_state(self, in_dir: str) -> None:
         self.worker.load_training_state(in_dir)
 
-    def sync_weights(self, rollout_actors: list, everything: bool = False) -> SyncReport:
+    def sync_weights(self, rollout_actors: list, timeout_s: float, everything: bool = False) -> SyncReport:
         """Every rank takes part; rank 0 sends the groups that can have changed (every group when
         `everything`) as the next version through the configured transport (learner.optim.weight_transport)
-        and checks every engine reports it."""
-        return self.worker.sync_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None, everything)
+        and checks every engine reports it within timeout_s."""
+        return self.worker.sync_weights(self._link(rollout_actors, timeout_s), everything)
 
-    def push_weights(self, rollout_actors: list) -> SyncReport:
+    def push_weights(self, rollout_actors: list, timeout_s: float) -> SyncReport:
         """Every group at the current version to engines that started from the run's base weights."""
-        return self.worker.push_weights(RayEngineLink(rollout_actors) if self.worker.rank == 0 else None)
+        return self.worker.push_weights(self._link(rollout_actors, timeout_s))
+
+    def _link(self, rollout_actors: list, timeout_s: float) -> RayEngineLink | None:
+        return RayEngineLink(rollout_actors, timeout_s) if self.worker.rank == 0 else None
 
 
 def free_port() -> int:
@@ -82,8 +94,8 @@ class LearnerGroup:
     actors': when this object goes, the reservation goes too."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, num_ranks: int, num_cpus: float, num_gpus: float,
-                 master_port: int = 0, timeout_s: float = 3600.0, version: int = 0):
-        self.timeout_s = timeout_s
+                 master_port: int = 0, timeout_s: float = 3600.0, version: int = 0, startup_timeout_s: float = 600.0):
+        self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
         self._release = weakref.finalize(self, _release, self.placement)
@@ -104,6 +116,7 @@ class LearnerGroup:
             for rank in range(num_ranks)
         ]
         self.names = [f"learner rank {rank}" for rank in range(num_ranks)]
+        self.rendezvous = f"{master_addr}:{port}"
 
     def _each(self, method: str, per_rank: list) -> list:
         if len(per_rank) != len(self.actors):
@@ -115,7 +128,10 @@ class LearnerGroup:
         return get_all([getattr(a, method).remote(*args) for a in self.actors], self.timeout_s, self.names)
 
     def ready(self) -> None:
-        self._same("ready")
+        """Every rank up: model loaded, native extensions built (learner/extensions.py), the world joined."""
+        get_all([a.ready.remote() for a in self.actors], self.startup_timeout_s, self.names,
+                f"loading the model, building DeepSpeed's native extensions, joining the torch.distributed "
+                f"rendezvous at {self.rendezvous}")
 
     def load_weights(self, model_path: str, version: int, cfg: LearnerConfig) -> None:
         """A new run on this group: its model and settings on every rank."""
@@ -130,17 +146,21 @@ class LearnerGroup:
     def evaluate_responses(self, shards: list[TrainBatch]) -> dict[str, float]:
         return self._each("evaluate_responses", shards)[0]
 
-    def sync_weights(self, rollout_actors: list, everything: bool = False) -> int:
-        return self._same("sync_weights", rollout_actors, everything)[0].version
+    def sync_weights(self, rollout_actors: list, timeout_s: float, everything: bool = False) -> int:
+        return self._same("sync_weights", rollout_actors, timeout_s, everything)[0].version
 
-    def push_weights(self, rollout_actors: list) -> None:
-        self._same("push_weights", rollout_actors)
+    def push_weights(self, rollout_actors: list, timeout_s: float) -> None:
+        self._same("push_weights", rollout_actors, timeout_s)
 
     def probe_logprobs(self, text: str, images: tuple[bytes, ...]):
         return self._same("probe_logprobs", text, images)[0]
 
     def save_training_state(self, out_dir: str) -> None:
         self._same("save_training_state", out_dir)
+
+    def read_marker(self, path: str) -> tuple[str, str | None]:
+        """Rank 0's reading of `path` (rank 0 writes the checkpoints)."""
+        return get_all([self.actors[0].read_marker.remote(path)], self.timeout_s, self.names[:1])[0]
 
     def load_training_state(self, in_dir: str) -> None:
         self._same("load_training_state", in_dir)

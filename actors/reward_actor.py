@@ -12,6 +12,9 @@ class RewardActor:
     def __init__(self, config: RewardConfig):
         self.scorer = RewardScorer(config)
 
+    def ready(self) -> bool:
+        return True
+
     def score_batch(self, requests, draw: int = 0):
         return self.scorer.score_batch(requests, draw)
 

@@ -60,16 +60,3 @@ class RolloutActor:
     def receive_weights(self, version: int, payload: list) -> int:
         return self.engine.receive_weights(version, _lazily_resolved(payload))
 
-
-def count_alive(actors: list, timeout_s: float = 10.0) -> int:
-    """Actors that answer a trivial call within timeout_s (a dead or restarting one does not)."""
-    refs = [a.weights_version.remote() for a in actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    alive = 0
-    for ref in ready:
-        try:
-            ray.get(ref)
-            alive += 1
-        except ray.exceptions.RayActorError:
-            pass
-    return alive

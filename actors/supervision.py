@@ -15,6 +15,9 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 
+CATCH_UP_ANSWER_S = 30.0  # a just-started actor that cannot answer a trivial call in this long is lost
+
+
 class ActorFailure(RuntimeError):
     """`who` died or gave no answer within its deadline."""
 
@@ -24,6 +27,9 @@ class ActorFailure(RuntimeError):
                             if isinstance(cause, BaseException) else ""))
         self.who, self.cause = who, cause
 
+    def __reduce__(self):  # raised inside an actor (learner rank 0's sync), it crosses Ray pickled
+        return ActorFailure, (self.who, self.cause)
+
 
 def actor_lost(exc: BaseException) -> bool:
     """The actor behind a call is gone and a new one may do better. Not: the call raised inside a live actor
@@ -32,10 +38,37 @@ def actor_lost(exc: BaseException) -> bool:
             and not getattr(exc, "actor_init_failed", False))
 
 
-def get_all(refs: Sequence, timeout_s: float, who: Sequence[str]) -> list:
+class RestartsExhausted(ActorFailure):
+    """The run's restart budget is spent: no more replacements, the failure ends the run."""
+
+
+def lost_on_the_way(exc: BaseException) -> bool:
+    """A call that failed because some actor it reached was lost: the actor itself, or one that it called
+    in turn (learner rank 0 pushing weights to a rollout actor)."""
+    if isinstance(exc, ActorFailure):
+        return True
+    return actor_lost(exc) or (isinstance(exc, RayTaskError) and isinstance(exc.cause, BaseException)
+                               and lost_on_the_way(exc.cause))
+
+
+def answering(actors: Sequence, method: str = "ready", timeout_s: float = 10.0) -> list[bool]:
+    """Which actors answer a trivial call within timeout_s (a dead, hung or still starting one does not)."""
+    refs = [getattr(a, method).remote() for a in actors]
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+    out = []
+    for ref in refs:
+        try:
+            out.append(ref in done and ray.get(ref) is not None)
+        except (RayActorError, ActorUnavailableError):
+            out.append(False)
+    return out
+
+
+def get_all(refs: Sequence, timeout_s: float, who: Sequence[str], doing: str = "") -> list:
     """The results in order. Raises ActorFailure for the first call whose actor dies or that runs past
     the deadline, without waiting for the rest: when one rank of a collective dies, the others block in
-    that collective forever, so waiting on them in order would hang."""
+    that collective forever, so waiting on them in order would hang. `doing` says what a call past its
+    deadline was waiting for (an operator's first question)."""
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(refs)
     deadline = time.monotonic() + timeout_s
@@ -43,7 +76,8 @@ def get_all(refs: Sequence, timeout_s: float, who: Sequence[str]) -> list:
     while pending:
         ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
-            raise ActorFailure(who[index[pending[0]]], f"gave no answer within {timeout_s:g} s")
+            raise ActorFailure(who[index[pending[0]]], f"gave no answer within {timeout_s:g} s"
+                               + (f" ({doing})" if doing else ""))
         try:
             results[index[ready[0]]] = ray.get(ready[0])
         except Exception as exc:
@@ -64,7 +98,7 @@ class RestartBudget:
 
     def spend(self, failure: ActorFailure) -> None:
         if self.used >= self.limit:
-            raise ActorFailure(failure.who, f"failed again after {self.limit} replacements ({failure})")
+            raise RestartsExhausted(failure.who, f"failed again after {self.limit} replacements ({failure})")
         self.used += 1
         self.not_before = time.monotonic() + min(self.max_backoff_s, 2.0 ** (self.used - 1) - 1)
 
@@ -73,19 +107,35 @@ class Supervised:
     """One replaceable actor: a call that fails because the actor died or hung is retried on a fresh one."""
 
     def __init__(self, factory: Callable[[], Any], name: str, timeout_s: float, budget: RestartBudget,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, startup_timeout_s: float = 600.0):
         self.factory, self.name, self.timeout_s, self.budget, self.log = factory, name, timeout_s, budget, log
+        self.startup_timeout_s = startup_timeout_s
         self.actor = factory()
 
-    def call(self, method: str, *args) -> Any:
+    def call(self, method: str, *args, timeout_s: float | None = None) -> Any:
+        """Retried on a fresh actor until it succeeds or the restart budget is spent."""
         while True:
             try:
-                return get_all([getattr(self.actor, method).remote(*args)], self.timeout_s, [self.name])[0]
-            except ActorFailure as failure:
-                self.budget.spend(failure)
-                self.log(f"[faults] {failure}; starting a new {self.name} and retrying")
-                ray.kill(self.actor, no_restart=True)
-                self.actor = self.factory()
+                return self.attempt(method, *args, timeout_s=timeout_s)
+            except RestartsExhausted:
+                raise
+            except ActorFailure:
+                continue
+
+    def attempt(self, method: str, *args, timeout_s: float | None = None) -> Any:
+        """One try within `timeout_s` (default: the actor's own deadline); on failure a fresh actor
+        replaces this one (one restart of the budget) and the ActorFailure is raised for the caller to
+        decide what to retry."""
+        try:
+            return get_all([getattr(self.actor, method).remote(*args)], timeout_s or self.timeout_s, [self.name])[0]
+        except ActorFailure as failure:
+            self.budget.spend(failure)
+            self.log(f"[faults] {failure}; starting a new {self.name}")
+            ray.kill(self.actor, no_restart=True)
+            self.actor = self.factory()
+            # up before the retry, so that its start-up does not count against the call's own deadline
+            get_all([self.actor.ready.remote()], self.startup_timeout_s, [self.name], "starting up")
+            raise
 
 
 class RolloutPool:
@@ -228,10 +278,33 @@ class RolloutPool:
                 self.budget.spend(ActorFailure("a spare rollout actor", exc))
                 self.spares.remove(refs[ref])
         if up:
-            self.catch_up(up)
-            self.warm += up
             self._seen_up(up)
+            lost = self._lost_in_catch_up(up)
+            for spare in lost:  # started again (maintain); the others are caught up at the next call
+                self.budget.spend(ActorFailure("a spare rollout actor", "was lost while receiving the weights"))
+                ray.kill(spare, no_restart=True)
+                self.spares.remove(spare)
+            if not lost:
+                self.warm += up
         self.maintain()
+
+    def _lost_in_catch_up(self, actors: list) -> list:
+        """catch_up for actors that came up. Returns the ones lost meanwhile (dead, or hung while receiving
+        the weights): one more restart each for the caller, not the run's end; the others then hold no
+        complete weights and are caught up again. Empty: all caught up. Any other failure (a learner rank
+        lost) is raised."""
+        try:
+            self.catch_up(actors)
+            return []
+        except Exception as exc:
+            if not lost_on_the_way(exc):
+                raise
+            lost = [a for a, ok in zip(actors, answering(actors, "weights_version", CATCH_UP_ANSWER_S)) if not ok]
+            if not lost:
+                raise
+            self.log(f"[faults] {len(lost)} new rollout actor(s) lost while receiving the weights "
+                     f"({type(exc).__name__}); starting others")
+            return lost
 
     def drop_lost_spares(self) -> None:
         """After a failed sync: a warm spare that no longer answers leaves the spares (a new one starts)."""
@@ -266,12 +339,19 @@ class RolloutPool:
             self._fresh = [s for s in self._fresh if s not in slots]
             try:
                 get_all([self.actors[s].weights_version.remote() for s in slots], self.startup_timeout_s,
-                        [f"rollout actor {s}" for s in slots])
+                        [f"rollout actor {s}" for s in slots], "starting vLLM and loading the model")
                 self._seen_up([self.actors[s] for s in slots])
-                if self._serving:  # the pool's first actors started with the current weights
-                    self.catch_up([self.actors[s] for s in slots])
+                # the pool's first actors started with the current weights
+                lost = self._lost_in_catch_up([self.actors[s] for s in slots]) if self._serving else []
+                if lost:
+                    self._fresh += [s for s in slots if self.actors[s] not in lost]
+                    for slot in [s for s in slots if self.actors[s] in lost]:
+                        self._replace(slot, ActorFailure(f"rollout actor {slot}", "was lost while receiving the weights"))
+                    continue
                 if wait and self._serving:
                     self.replacement_waits.append(time.monotonic() - started)
+            except RestartsExhausted:
+                raise
             except ActorFailure as failure:  # a replacement that does not come up is replaced in turn
                 if not failure.who.startswith("rollout actor"):
                     raise

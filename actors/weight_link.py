@@ -6,17 +6,26 @@ from __future__ import annotations
 
 import ray
 
+from actors.supervision import get_all
 from rollout.weight_transport import BucketLog, LogReader
 
 _RemoteLog = ray.remote(num_cpus=0)(BucketLog)
 
 
+def engine_name(actor) -> str:
+    """How a sync names a rollout actor that failed it (the driver finds the actor by this name)."""
+    return f"rollout actor {actor._actor_id.hex()[:16]}"
+
+
 class RayPending:
-    def __init__(self, refs: list):
-        self._refs = refs
+    """The engines' answers to one sync call, within the sync's deadline: a rollout actor that hangs
+    while receiving fails the sync naming it (ActorFailure), instead of holding the learner forever."""
+
+    def __init__(self, refs: list, names: list[str], timeout_s: float):
+        self._refs, self._names, self._timeout_s = refs, names, timeout_s
 
     def wait(self) -> list:
-        return ray.get(self._refs)
+        return get_all(self._refs, self._timeout_s, self._names, "receiving the weights")
 
 
 class RayStream:
@@ -46,8 +55,9 @@ class _RemoteFetch:
 
 
 class RayEngineLink:
-    def __init__(self, rollout_actors: list, worker_counts: list[int] | None = None):
-        self.actors = rollout_actors
+    def __init__(self, rollout_actors: list, timeout_s: float, worker_counts: list[int] | None = None):
+        self.actors, self.timeout_s = rollout_actors, timeout_s
+        self.names = [engine_name(a) for a in rollout_actors]
         self.key = tuple(a._actor_id.hex() for a in rollout_actors)
         self.address = ray.util.get_node_ip_address()
         self.worker_counts = worker_counts or [1] * len(rollout_actors)
@@ -60,7 +70,8 @@ class RayEngineLink:
 
     def connect(self, transport: str, bucket_bytes: int, args_per_engine: list[dict]) -> RayPending:
         return RayPending([a.connect_weights.remote(transport, bucket_bytes, args)
-                           for a, args in zip(self.actors, args_per_engine)])
+                           for a, args in zip(self.actors, args_per_engine)], self.names, self.timeout_s)
 
     def receive(self, version: int, payload: list) -> RayPending:
-        return RayPending([a.receive_weights.remote(version, payload) for a in self.actors])
+        return RayPending([a.receive_weights.remote(version, payload) for a in self.actors], self.names,
+                          self.timeout_s)

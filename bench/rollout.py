@@ -103,7 +103,6 @@ def bench_size(spec: str, prompts: int, sampling: SamplingConfig, repeats: int) 
             tokens = fn()
             speed[name].append(tokens / (time.perf_counter() - start))
     ray.kill(actor)
-    del engine
     med = {k: statistics.median(v) for k, v in speed.items()}
     return {"model": spec, "params_m": params / 1e6, **{f"{k}_tok_s": v for k, v in med.items()},
             "service_over_bare_vllm": med["service"] / med["bare"],

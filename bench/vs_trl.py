@@ -415,7 +415,7 @@ def main() -> None:
     target = min(max(smoothed(mean[c])) for c in contenders)  # a level every contender's mean curve reaches
     to_target = {c: seconds_to(target, mean[c], [statistics.mean(col) for col in zip(
         *[[r["step_s"] for r in run] for run in results[c]])]) for c in contenders}
-    print(f"\nreward gain (mean of the last 5 steps - step 0): " + ", ".join(
+    print("\nreward gain (mean of the last 5 steps - step 0): " + ", ".join(
         f"{c} {statistics.mean(gains[c]):+.3f} (runs {' '.join(f'{g:+.3f}' for g in gains[c])}, "
         f"spread {statistics.pstdev(gains[c]):.3f})" for c in contenders))
     print(f"seconds to a 3-step mean reward of {target:.3f}: " + ", ".join(

@@ -88,7 +88,7 @@ def time_bandwidth(shapes, bucket_bytes: int, repeats: int) -> dict[str, float]:
     source = [(f"p{i}", torch.randn(s)) for i, s in enumerate(shapes)]
     target = [torch.empty(s) for s in shapes]
     sink = Sink.remote(shapes)
-    link = RayEngineLink([sink])
+    link = RayEngineLink([sink], timeout_s=600.0)
     transport = make_transport("object_store", bucket_bytes)
     transport.connect_sender(link)
     ray.get(sink.load_one.remote("p0", source[0][1]))  # actor up

@@ -67,8 +67,13 @@ class WeightSender:
         if self.rank == 0:
             if link is None:
                 raise ValueError("rank 0 needs the engine link to send weights")
-            self.transport.connect_sender(link)
-            reported = self.transport.send(version, counted, link, stable=self.stable)
+            try:
+                self.transport.connect_sender(link)
+                reported = self.transport.send(version, counted, link, stable=self.stable)
+            except BaseException:  # the other ranks are in the gathers: take part in the rest, then fail
+                for _ in counted:
+                    pass
+                raise
             if any(v != version for v in reported):
                 raise RuntimeError(f"weight sync incomplete: sent version {version}, engines report {reported}")
         else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import sys
 from collections.abc import Collection, Iterator
 from functools import cached_property
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from learner import algos
 from learner.critical_tokens import (critical_token_ids,
                                      entropy_metrics, entropy_stats)
+from learner.extensions import build_native_extensions
 from learner.param_groups import group_of, set_trainable
 from learner.schedules import lr_at
 from learner.types import DTYPES, GROUPS, LearnerConfig, StageSpec, TrainBatch, TrainSample
@@ -46,9 +46,7 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         if not on_gpu:
             torch.set_num_threads(cpu_threads)
-        # DeepSpeed JIT-builds its CPU comm extension; a cache per environment keeps checkouts with other
-        # paths from rebuilding (and locking) one shared ~/.cache copy in turn.
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+        build_native_extensions()  # normally built by the install already; never waits on a stale lock
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

@@ -173,9 +173,10 @@ class FaultConfig:
     the defaults on a laptop; a 38B run's minutes-long steps need larger ones."""
 
     rollout_timeout_s: float = 600.0
-    reward_timeout_s: float = 600.0
+    reward_timeout_s: float = 600.0  # the floor: a batch's deadline grows with its size (services/fleet.py)
     learner_timeout_s: float = 3600.0
-    startup_timeout_s: float = 600.0  # a new actor loading its model
+    startup_timeout_s: float = 600.0  # a new actor loading its model (a learner rank: also joining its world)
+    sync_timeout_s: float = 600.0  # the engines taking one weight sync
     max_restarts: int = 20
 
 

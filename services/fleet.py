@@ -11,23 +11,30 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import ray
 
 from actors.learner_actor import LearnerGroup
 from actors.local_ray import start_local_ray
 from actors.reward_actor import RewardActor
-from actors.rollout_actor import RolloutActor, count_alive
-from actors.supervision import ActorFailure, RestartBudget, RolloutPool, Supervised, actor_lost
+from actors.rollout_actor import RolloutActor
+from actors.supervision import (ActorFailure, RestartBudget, RestartsExhausted, RolloutPool, Supervised, answering,
+                                lost_on_the_way)
+from actors.weight_link import engine_name
+from learner.extensions import extensions_dir, unbuilt
 from learner.types import TrainBatch, TrainSample
 from reward.types import RewardResult, ScoreRequest
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from omegaconf import OmegaConf
 
 from services.config import RunConfig, flat
+from services.run_dir import SHARED_MARKER, write_atomic
 
 REWARD_CPUS = 0.1
+REWARD_DEADLINE_MARGIN = 1.25  # over the sandbox's worst case: process start-up, format scoring, transfer
 # What a fleet's actors are built from; a run that differs in one of these needs a fleet of its own.
 LAYOUT_KEYS = ("ray_address", "worker_logs_to_console", "rollout.", "learner.num_cpus_per_rank",
                "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.zero_stage", "learner.optim.dtype",
@@ -68,6 +75,32 @@ def chunks(items: list, n: int) -> list[list]:
     return out
 
 
+def reward_deadline(cfg: RunConfig, answers: int) -> float:
+    """A reward batch's deadline, scaled with the batch: every answer may take the sandbox's whole
+    per-answer limit (reward.timeout_s), reward.workers at a time; faults.reward_timeout_s is the floor.
+    A fixed deadline declares a 38B-sized batch (1,024 answers at 5 s on 2 workers: up to 2,560 s) hung
+    and retries it until the restart budget is gone."""
+    worst = cfg.reward.timeout_s * math.ceil(answers / max(cfg.reward.workers, 1))
+    return max(cfg.faults.reward_timeout_s, REWARD_DEADLINE_MARGIN * worst)
+
+
+class RunDirNotShared(RuntimeError):
+    """Learner rank 0 writes checkpoints the driver must read: they need one directory both see."""
+
+
+def check_run_dir_shared(learners: LearnerGroup, run_dir: Path) -> None:
+    """Before any training: the driver writes a fresh token into the run directory and learner rank 0
+    must read it back there; else the checkpoints would land on rank 0's node only (and go with its pod)."""
+    marker, token = Path(run_dir).resolve() / SHARED_MARKER, uuid.uuid4().hex
+    write_atomic(marker, token)
+    node, seen = learners.read_marker(str(marker))
+    if seen != token:
+        raise RunDirNotShared(
+            f"learner rank 0 (node {node}) does not see the run directory {marker.parent}: it cannot read "
+            f"{marker}, which this driver wrote; out_dir must be storage every node mounts (on Kubernetes a "
+            "ReadWriteMany volume at /runs on every pod, deploy/kuberay)")
+
+
 def spares_that_fit(cfg: RunConfig, needed: dict[str, float]) -> int:
     """rollout.spares=-1: on a cluster, one spare where it has room for a rollout actor beyond the run's
     own; on a one-machine run none (its start-up would take the cores the run itself uses)."""
@@ -95,10 +128,12 @@ class Fleet:
         self.version = version  # what the engines hold once the learner's updates are synced
         self.dirty = False  # the learner holds weights the engines have not received
         self.learners_lost = False
+        self.reward_splits = 0  # reward batches split after running past their deadline
         needed = self._attach(learners)
         self.pool = RolloutPool(self._new_rollout_actor, cfg.rollout.num_actors, cfg.faults.rollout_timeout_s,
                                 self.budget, log, cfg.faults.startup_timeout_s, spares_that_fit(cfg, needed))
-        self.reward = Supervised(self._new_reward_actor, "reward actor", cfg.faults.reward_timeout_s, self.budget, log)
+        self.reward = Supervised(self._new_reward_actor, "reward actor", cfg.faults.reward_timeout_s, self.budget, log,
+                                 cfg.faults.startup_timeout_s)
         self.learners = self._new_learner_group(version) if learners else None
         self.pool.catch_up = self._catch_up
         if self.learners:
@@ -140,8 +175,12 @@ class Fleet:
 
     def _new_learner_group(self, version: int) -> LearnerGroup:
         cfg = self.cfg.learner
+        missing = unbuilt()
+        if missing:
+            self.log(f"[start-up] the learner ranks first build DeepSpeed's {', '.join(missing)} extension in "
+                     f"{extensions_dir()} (about a minute on 2 cores; `make install` builds it ahead)")
         return LearnerGroup(self.model_path, cfg.optim, cfg.num_ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank,
-                            cfg.master_port, self.cfg.faults.learner_timeout_s, version)
+                            cfg.master_port, self.cfg.faults.learner_timeout_s, version, self.cfg.faults.startup_timeout_s)
 
     def _catch_up(self, actors: list) -> None:
         """A replacement or spare that has come up: the run's id, and the learner's weights whole (it
@@ -149,7 +188,7 @@ class Fleet:
         ray.get([a.set_run_id.remote(self.run_id) for a in actors])
         if self.learners:
             ray.get([a.expect_new_weights.remote() for a in actors])
-            self._learner_call(self.learners.push_weights, actors)
+            self._learner_call(self.learners.push_weights, actors, self.cfg.faults.sync_timeout_s)
 
     # ---- one fleet, many runs ------------------------------------------------------------------
     def serves(self, cfg: RunConfig, model_path: str) -> list[str]:
@@ -172,12 +211,12 @@ class Fleet:
         self.cfg, self.model_path, self.version, self.run_id, self.dirty = cfg, model_path, version, run_id, False
         self.budget = self.pool.budget = self.reward.budget = budget
         self.pool.timeout_s, self.pool.startup_timeout_s = cfg.faults.rollout_timeout_s, cfg.faults.startup_timeout_s
-        self.reward.timeout_s = cfg.faults.reward_timeout_s
+        self.reward.timeout_s, self.reward.startup_timeout_s = cfg.faults.reward_timeout_s, cfg.faults.startup_timeout_s
         if reward_changed:
             ray.kill(self.reward.actor, no_restart=True)
             self.reward.actor = self._new_reward_actor()
         ranks = cfg.learner.num_ranks
-        if self.learners_lost or len(self.learners.actors) != ranks or len(self._alive(self.learners.actors)) < ranks:
+        if self.learners_lost or len(self.learners.actors) != ranks or not all(answering(self.learners.actors)):
             self.log(f"[fleet] starting the learner group anew ({ranks} ranks): it lost a rank or had "
                      f"{len(self.learners.actors)}")
             self.learners.kill()
@@ -191,9 +230,9 @@ class Fleet:
         self._catch_up(self.pool.receivers())
         self.pool.warm_up()
 
-    @staticmethod
-    def _alive(actors: list) -> list:
-        return [a for a, ok in zip(actors, _answers(actors)) if ok]
+    def check_run_dir_shared(self, run_dir: Path) -> None:
+        if self.learners:
+            self._learner_call(check_run_dir_shared, self.learners, run_dir)
 
     def close(self) -> None:
         """Kill every actor of the fleet (on a shared cluster nothing of it may linger)."""
@@ -220,7 +259,23 @@ class Fleet:
         return [t for part in self.pool.map("generate", calls) for t in part]
 
     def score(self, requests: list[ScoreRequest], draw: int = 0) -> list[RewardResult]:
-        return self.reward.call("score_batch", requests, draw)
+        """The batch's rewards within a deadline scaled to its size (reward_deadline). A batch whose
+        actor dies or runs past it is scored in halves on the fresh actor, each with its own deadline,
+        not retried whole: the answer that hangs or kills a worker is isolated and the rest are scored.
+        A split batch's random-reward control (reward.kind=random) draws per part."""
+        if len(requests) <= 1:
+            return self.reward.call("score_batch", requests, draw, timeout_s=reward_deadline(self.cfg, len(requests)))
+        try:
+            return self.reward.attempt("score_batch", requests, draw,
+                                       timeout_s=reward_deadline(self.cfg, len(requests)))
+        except RestartsExhausted:
+            raise
+        except ActorFailure:
+            self.reward_splits += 1
+            half = len(requests) // 2
+            self.log(f"[faults] scoring the {len(requests)} answers again in two parts of {half} and "
+                     f"{len(requests) - half}")
+            return self.score(requests[:half], draw) + self.score(requests[half:], draw)
 
     def score_benchmark(self, rows: list[dict], protocol: str, mode: str) -> list:
         return self.reward.call("score_benchmark", rows, protocol, mode)
@@ -247,17 +302,24 @@ class Fleet:
         rollout actor lost during the sync is replaced and every engine then gets every group as a new
         version (some may already hold the half-delivered one). Spares that came up since get the weights
         whole, off the next step's path."""
-        start = time.time()
-        try:
-            version = self._learner_call(self.learners.sync_weights, self.pool.receivers())
-        except ray.exceptions.RayTaskError as exc:  # rank 0 is alive; did an engine it sent to die?
-            if not actor_lost(exc.cause):
-                raise
-            self.log(f"[faults] a rollout actor was lost during the weight sync ({type(exc).__name__}); "
-                     "resending every group to every engine")
-            self.versions()  # replaces the lost actors (they come up with the weights caught up)
-            self.pool.drop_lost_spares()
-            version = self._learner_call(self.learners.sync_weights, self.pool.receivers(), True)
+        start, everything = time.time(), False
+        while True:
+            receivers = self.pool.receivers()
+            try:
+                version = self._learner_call(self.learners.sync_weights, receivers, self.cfg.faults.sync_timeout_s,
+                                             everything)
+                break
+            except ray.exceptions.RayTaskError as exc:  # rank 0 is alive; did an engine it sent to die or hang?
+                if not lost_on_the_way(exc):
+                    raise
+                hung = [a for a in receivers if isinstance(exc.cause, ActorFailure) and engine_name(a) == exc.cause.who]
+                for actor in hung:  # past the sync's deadline: replaced like a dead one
+                    ray.kill(actor, no_restart=True)
+                self.log(f"[faults] a rollout actor was lost during the weight sync ({exc.cause}); "
+                         "resending every group to every engine")
+                self.versions()  # replaces the lost actors (they come up with the weights caught up)
+                self.pool.drop_lost_spares()
+                everything = True
         versions = self.versions()
         if any(v != version for v in versions):
             raise RuntimeError(f"weight sync to version {version} failed: actors report {versions}")
@@ -277,8 +339,9 @@ class Fleet:
         return worst
 
     def fault_metrics(self) -> dict[str, float]:
-        return {"actors/restarts": self.budget.used, "actors/rollout_alive": count_alive(self.pool.actors),
-                "actors/spares_warm": len(self.pool.warm)}
+        return {"actors/restarts": self.budget.used,
+                "actors/rollout_alive": sum(answering(self.pool.actors, "weights_version")),
+                "actors/spares_warm": len(self.pool.warm), "reward/split_batches": self.reward_splits}
 
     def _learner_call(self, method, *args):
         """A learner group call; a lost rank marks the group for a fresh start at the next reset (the other
@@ -295,18 +358,6 @@ def _without(data, keys: tuple[str, ...]):
     if isinstance(data, dict):
         return {k: _without(v, keys) for k, v in data.items() if k not in keys}
     return data
-
-
-def _answers(actors: list, timeout_s: float = 10.0) -> list[bool]:
-    refs = [a.ready.remote() for a in actors]
-    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out = []
-    for ref in refs:
-        try:
-            out.append(ref in done and ray.get(ref) is not None)
-        except ray.exceptions.RayActorError:
-            out.append(False)
-    return out
 
 
 def _cuda_available() -> bool:

@@ -28,7 +28,7 @@ from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
 from services.evaluation import EvalOptions, EvalResult, evaluate_with_learner, rollout_requests, score_requests
-from services.fleet import Fleet
+from services.fleet import Fleet, RunDirNotShared
 from services.progress import StageProgress
 from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
                               read_jsonl, write_atomic)
@@ -184,6 +184,7 @@ class Run:
         else:
             self.fleet.reset(self.cfg, model_path, self.weights_version, self.run_dir.name, self.budget)
         self.fleet.dirty = self.dirty
+        self.fleet.check_run_dir_shared(self.run_dir)
 
     def stop_fleet(self) -> None:
         """A fleet the run started goes with it (on a shared cluster nothing of it may linger)."""
@@ -293,6 +294,8 @@ class Run:
             self._write_report(report)
         except ActorFailure as failure:
             raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None
+        except RunDirNotShared as not_shared:
+            raise RunStopped(str(not_shared), 2) from None
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:
                 raise

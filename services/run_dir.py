@@ -2,8 +2,9 @@
 
 A run lives in RUN_DIR/: `config.yaml` (the resolved config; a resume reads it back), `metrics.jsonl` (one
 row per step, services/tracking.py), `report.json` (rewritten after every evaluation and checkpoint),
-`selection.json` (`vireo select-checkpoint`), `curves.png` (MLflow), `checkpoints/` (services/checkpoints.py)
-and, for the embedded default, the generated `model/` and `data/`.
+`selection.json` (`vireo select-checkpoint`), `curves.png` (MLflow), `checkpoints/` (services/checkpoints.py),
+`.shared-check` (proof that the learner's node sees the same directory) and, for the embedded default, the
+generated `model/` and `data/`.
 
 Kept free of torch and the rest of vireo: the CLI, the benches and the tests import it cheaply.
 """
@@ -22,6 +23,7 @@ CURVES_FILE = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
 DATA_DIR = "data"
+SHARED_MARKER = ".shared-check"  # the driver writes it; learner rank 0 must read it back (services/fleet.py)
 
 
 def fsync_path(path: Path) -> None:

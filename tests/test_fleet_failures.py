@@ -1,0 +1,111 @@
+"""The fleet's own failure paths, on the suite's warm fleet (real Ray, vLLM and DeepSpeed): a reward batch
+larger than its deadline allows is split and scored; a rollout actor that hangs while receiving a weight
+sync is replaced within the sync's deadline; a replacement that dies while it is being pushed the
+weights is one more restart, not the run's end."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+
+import ray
+
+from actors.supervision import RestartBudget
+from reward.compose import RewardConfig, RewardScorer
+from reward.types import ScoreRequest
+
+
+@ray.remote
+class HangsOnLargeBatches:
+    """A reward actor whose scoring of a batch of more than `limit` answers never ends (as a batch that a
+    fixed deadline cannot hold): smaller batches are scored for real."""
+
+    def __init__(self, config: RewardConfig, limit: int):
+        self.scorer, self.limit = RewardScorer(config), limit
+
+    def ready(self) -> bool:
+        return True
+
+    def score_batch(self, requests, draw: int = 0):
+        if len(requests) > self.limit:
+            time.sleep(3600)
+        return self.scorer.score_batch(requests, draw)
+
+
+@contextlib.contextmanager
+def attributes(obj, **values):
+    """obj's attributes set to values inside the block, then put back."""
+    saved = {k: getattr(obj, k) for k in values}
+    for k, v in values.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(obj, k, v)
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_a_reward_batch_past_its_deadline_is_split_and_scored(fleet):
+    config = RewardConfig(workers=1)
+    requests = [ScoreRequest(f"<think>x</think> The answer is \\boxed{{{i % 3}}}", str(i % 2), "math")
+                for i in range(8)]
+    expected = RewardScorer(config).score_batch(requests)
+    hanging = lambda: HangsOnLargeBatches.remote(config, 2)  # noqa: E731
+    reward, budget = fleet.reward, RestartBudget(10)
+    # reward_deadline: max(1 s floor, 1.25 · 0.2 s · answers) — 2 s for 8 answers, which would hang forever
+    with attributes(fleet.cfg.faults, reward_timeout_s=1.0), \
+            attributes(fleet.cfg, reward=dataclasses.replace(fleet.cfg.reward, timeout_s=0.2, workers=1)), \
+            attributes(reward, factory=hanging, actor=hanging(), budget=budget), attributes(fleet, reward_splits=0):
+        results = fleet.score(requests)
+        splits = fleet.reward_splits
+    ray.kill(reward.actor)  # the test's actor; the fleet's next score call starts a real one
+    reward.actor = reward.factory()
+    assert results == expected
+    assert splits == 3  # 8 -> 4 + 4 -> (2 + 2) + (2 + 2)
+    assert budget.used == 3  # each batch past its deadline cost one reward actor
+
+
+def test_a_rollout_actor_hanging_in_a_weight_sync_is_replaced_within_the_deadline(fleet):
+    pool, budget = fleet.pool, RestartBudget(10)
+    assert fleet.versions()  # every slot serving
+    hung = pool.actors[1]
+    os.kill(_pid(hung), signal.SIGSTOP)  # it stops reading the weights
+    with attributes(fleet.cfg.faults, sync_timeout_s=5.0), attributes(pool, budget=budget):
+        fleet.dirty = True
+        report = fleet.sync()
+    assert hung not in pool.actors
+    assert fleet.versions() == [report["sync/version"]] * len(pool.actors)
+    assert budget.used >= 1
+
+
+def test_a_replacement_lost_while_receiving_the_weights_is_one_more_restart(fleet):
+    pool, budget = fleet.pool, RestartBudget(10)
+    catch_up, lost = pool.catch_up, []
+
+    def dies_on_first_catch_up(actors):
+        if not lost:
+            lost.append(actors[0])
+            ray.kill(actors[0])  # dies as the learner starts pushing it the weights
+        return catch_up(actors)
+
+    fleet.versions()
+    parked = list(pool.warm)  # no warm spare: the slot's replacement must be caught up
+    pool.warm.clear()
+    pool.spares = [s for s in pool.spares if s not in parked]
+    try:
+        with attributes(pool, catch_up=dies_on_first_catch_up, budget=budget, spare_count=0):
+            ray.kill(pool.actors[0])
+            fleet.versions()  # slot 0 is lost and replaced; slot 1 serves meanwhile
+            pool.ready()  # the replacement comes up, dies while caught up, and the next one takes the weights
+            assert lost and lost[0] not in pool.actors
+            assert fleet.versions() == [fleet.version] * len(pool.actors)
+            assert budget.used == 2  # the lost serving actor, then the replacement lost in its catch-up
+    finally:
+        pool.spares += parked
+        pool.warm += parked

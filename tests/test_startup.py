@@ -1,0 +1,55 @@
+"""A start-up cannot hang: a first run interrupted while DeepSpeed builds its native extension leaves
+torch's owner-less lock file behind, and the next start clears it and comes up (learner/extensions.py);
+a build another live process holds is waited for only up to a deadline that names the lock file."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from learner.extensions import BUILD_LOCK, TORCH_LOCK, ExtensionLockTimeout, build_native_extensions, native_ops
+
+pytestmark = pytest.mark.skipif(not native_ops(), reason="no native op to build here (GPU ranks use NCCL)")
+
+NEXT_START = """
+import sys
+from actors.learner_actor import free_port
+from learner.types import LearnerConfig
+from learner.worker import LearnerWorker
+worker = LearnerWorker(sys.argv[1], LearnerConfig(), 0, 1, "127.0.0.1", free_port())
+print("learner rank up")
+"""
+
+
+def test_a_build_interrupted_in_a_first_start_does_not_hang_the_next(tmp_path, tiny_model_dir):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    (name,) = [b.name for b in native_ops()]
+    torch_lock = tmp_path / "ext" / name / TORCH_LOCK
+    first = subprocess.Popen([sys.executable, "-m", "learner.extensions"], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not torch_lock.exists():  # the build has begun (torch takes its lock for the whole build)
+        assert first.poll() is None, "the build ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # Ctrl-C / `timeout` / a lost pod during the first run
+    first.wait()
+    assert torch_lock.exists()  # what used to hang every later start
+
+    second = subprocess.run([sys.executable, "-c", NEXT_START, tiny_model_dir("internvl")], env=env, text=True,
+                            capture_output=True, timeout=1200)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"removing {torch_lock}" in second.stdout
+    assert "learner rank up" in second.stdout
+    assert not torch_lock.exists()
+
+
+def test_a_build_held_by_a_live_process_is_waited_for_up_to_a_deadline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with open(tmp_path / BUILD_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a live builder
+        with pytest.raises(ExtensionLockTimeout, match=str(tmp_path / BUILD_LOCK)):
+            build_native_extensions(timeout_s=0.5)
