@@ -127,14 +127,14 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         def empty_panels() -> list[str]:
             return [name for name, expr in panel_queries() if not query(expr)]
 
-        def close_once_scraped(backend):
+        def close_once_scraped(backend, status="FINISHED"):
             """The run's endpoint closes when the run ends; a short run may end before Prometheus has scraped
             its last values (the final evaluation) or two points of a rate. Hold the endpoint open until
             every panel has data (bounded), as a long run's scrapes would."""
             deadline = time.time() + 120
             while empty_panels() and time.time() < deadline:
                 time.sleep(1)
-            close(backend)
+            close(backend, status)
 
         close = PrometheusBackend.close
         monkeypatch.setattr(PrometheusBackend, "close", close_once_scraped)
