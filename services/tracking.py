@@ -197,6 +197,18 @@ PROMETHEUS_GAUGES = {
 }
 STEP_TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TIMING_PREFIX, SKIPPED_PREFIX, RESTARTS_KEY = "timing_s/", "data/skipped/", "actors/restarts"
+LINGER_MAX_S = 120  # the longest close waits for Prometheus's next scrape
+
+
+class ScrapeClock:
+    """A collector that exports nothing and notes when the endpoint was last scraped (the last two times)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def collect(self) -> list:
+        self.times = [*self.times[-1:], time.monotonic()]
+        return []
 
 
 @register_backend("prometheus")
@@ -204,7 +216,9 @@ class PrometheusBackend:
     """prometheus_client in the controller process, on its own registry, served at
     http://<tracking.prometheus.host>:<port>/metrics while the run lives. Gauges carry {run_id, stage}; a
     stage's gauges are dropped when the next stage starts, so its lines end there. Row values that are
-    cumulative (restarts, skipped rows) become counters by their increase."""
+    cumulative (restarts, skipped rows, tracker errors) become counters by their increase. At the end,
+    vireo_run_finished{status} is held out for one more scrape: an alert tells a run that ended from one
+    that was lost (deploy/prometheus/alerts.yml, VireoRunNotScraped)."""
 
     def start(self, run: RunContext) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -227,6 +241,10 @@ class PrometheusBackend:
         self.counters = {RESTARTS_KEY: self.restarts.labels(self.run_id), TRACKING_ERRORS_KEY: Counter(
             "vireo_tracking_errors", "Failed tracker calls (MLflow, Prometheus); never fatal to the run.",
             ["run_id"], registry=self.registry).labels(self.run_id)}  # exported as 0 from the start
+        self.finished = Gauge("vireo_run_finished", "1 once the run has ended, by its end status (FINISHED, "
+                              "KILLED, FAILED).", ["run_id", "status"], registry=self.registry)
+        self.clock = ScrapeClock()
+        self.registry.register(self.clock)
         self._cumulative: dict[str, float] = {}
         cfg = run.cfg.tracking.prometheus
         self.server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.registry)
@@ -261,6 +279,14 @@ class PrometheusBackend:
         self._cumulative[key] = max(total, self._cumulative.get(key, 0.0))
 
     def close(self, status: str = "FINISHED") -> None:
+        """The end status, then, on an endpoint being scraped, the next scrape (at most 1.5 scrape intervals
+        or LINGER_MAX_S), then the endpoint goes."""
+        self.finished.labels(self.run_id, status).set(1)
+        scraped = self.clock.times
+        if len(scraped) == 2:
+            deadline = time.monotonic() + min(1.5 * (scraped[1] - scraped[0]), LINGER_MAX_S)
+            while self.clock.times[-1] == scraped[-1] and time.monotonic() < deadline:
+                time.sleep(0.1)
         self.server.shutdown()
         self.server.server_close()
 

@@ -23,7 +23,7 @@ from fleets import FLEET_LAYOUT
 from actors.learner_actor import free_port
 from services.checks import load_config
 from services.run import Run
-from services.tracking import PrometheusBackend
+from services.tracking import PrometheusBackend, RunContext
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vireo.json"
@@ -68,7 +68,7 @@ def test_promtool_accepts_panels_alerts_and_scrape_config(prometheus_tools, tmp_
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"SUCCESS: {len(rules['groups'][0]['rules'])} rules found" in check.stdout
-    assert "SUCCESS: 4 rules found" in check.stdout
+    assert "SUCCESS: 5 rules found" in check.stdout
     config = subprocess.run([prometheus_tools["promtool"], "check", "config",
                              str(ROOT / "deploy" / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
@@ -163,7 +163,8 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         rules = api(base, "/api/v1/rules")["data"]["groups"]
         assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == {
             "VireoRunStuck": "ok", "VireoRewardCollapse": "ok", "VireoEntropyCollapse": "ok",
-            "VireoRolloutActorsDown": "ok"}
+            "VireoRolloutActorsDown": "ok", "VireoRunNotScraped": "ok"}
+        assert peak('max by (status) (vireo_run_finished{run_id="prom-run"})') == {'{"status": "FINISHED"}': 1.0}
 
         (backend,) = [b for b in run.tracker.backends if isinstance(b, PrometheusBackend)]
         from prometheus_client import generate_latest
@@ -171,6 +172,47 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         lint = subprocess.run([prometheus_tools["promtool"], "check", "metrics"],
                               input=generate_latest(backend.registry), capture_output=True)
         assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path):
+    """VireoRunNotScraped's expression on a real Prometheus scraping two controller endpoints: one closes
+    (its end status is held out for one more scrape), the other vanishes without closing."""
+    (rule,) = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+               if r.get("alert") == "VireoRunNotScraped"]
+    cfg = load_config(None, ["tracking.prometheus.port=0"])
+    backends = {}
+    for run_id in ("ended", "lost"):
+        backends[run_id] = PrometheusBackend()
+        backends[run_id].start(RunContext(cfg, run_id, tmp_path / run_id, log=lambda *_: None))
+        backends[run_id].log(1, {"stage": "grpo", "reward/mean": 0.5})
+    prom_port = free_port()
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "vireo", "static_configs": [
+        {"targets": [f"127.0.0.1:{b.server.server_port}" for b in backends.values()]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{prom_port}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    try:
+        _wait(lambda: _ready(base), 120, "Prometheus to start")
+
+        def now(expr: str) -> set[str]:
+            return {s["metric"].get("run_id", "") for s in api(base, "/api/v1/query", query=expr)["data"]["result"]}
+
+        _wait(lambda: now("vireo_step") == {"ended", "lost"} and all(len(b.clock.times) == 2
+                                                                    for b in backends.values()), 60, "two scrapes")
+        assert now(rule["expr"]) == set()  # both alive
+        backends["ended"].close("FAILED")  # an end, however it went, is not a lost run
+        lost = backends["lost"].server
+        lost.shutdown()
+        lost.server_close()
+        _wait(lambda: now("vireo_step") == set(), 60, "both endpoints' series to go stale")
+        assert now(rule["expr"]) == {"lost"}
+        assert now("max_over_time(vireo_run_finished[5m])") == {"ended"}  # held out for its last scrape
     finally:
         server.terminate()
         server.wait(timeout=60)
