@@ -81,7 +81,7 @@ class Tracker:
     read it), so its errors end the run."""
 
     def __init__(self, backends: list[MetricsBackend], log: Callable[[str], None] = print):
-        self.backends, self.print = backends, log
+        self.backends, self.note = backends, log
         self.jsonl = next(b for b in backends if isinstance(b, JsonlBackend))
         self.errors = 0
         self._failing: set[str] = set()  # backends whose last call failed
@@ -109,12 +109,12 @@ class Tracker:
             self.errors += 1
             if name not in self._failing:
                 self._failing.add(name)
-                self.print(f"[tracking] {name} {what} failed, the run goes on (failures are counted in "
+                self.note(f"[tracking] {name} {what} failed, the run goes on (failures are counted in "
                            f"{TRACKING_ERRORS_KEY}): {redacted(f'{type(exc).__name__}: {exc}')[:500]}")
             return False
         if name in self._failing:
             self._failing.discard(name)
-            self.print(f"[tracking] {name} works again ({self.errors} failures so far)")
+            self.note(f"[tracking] {name} works again ({self.errors} failures so far)")
         return True
 
 
