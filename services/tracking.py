@@ -110,7 +110,7 @@ class Tracker:
             if name not in self._failing:
                 self._failing.add(name)
                 self.note(f"[tracking] {name} {what} failed, the run goes on (failures are counted in "
-                           f"{TRACKING_ERRORS_KEY}): {redacted(f'{type(exc).__name__}: {exc}')[:500]}")
+                          f"{TRACKING_ERRORS_KEY}): {redacted(f'{type(exc).__name__}: {exc}')[:500]}")
             return False
         if name in self._failing:
             self._failing.discard(name)

@@ -68,7 +68,7 @@ def test_promtool_accepts_panels_alerts_and_scrape_config(prometheus_tools, tmp_
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"SUCCESS: {len(rules['groups'][0]['rules'])} rules found" in check.stdout
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     config = subprocess.run([prometheus_tools["promtool"], "check", "config",
                              str(ROOT / "deploy" / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
@@ -163,7 +163,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         rules = api(base, "/api/v1/rules")["data"]["groups"]
         assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == {
             "VireoRunStuck": "ok", "VireoRewardCollapse": "ok", "VireoEntropyCollapse": "ok",
-            "VireoRolloutActorsDown": "ok", "VireoRunNotScraped": "ok"}
+            "VireoRolloutActorsDown": "ok", "VireoRunNotScraped": "ok", "VireoTrackerFailing": "ok"}
         assert peak('max by (status) (vireo_run_finished{run_id="prom-run"})') == {'{"status": "FINISHED"}': 1.0}
 
         (backend,) = [b for b in run.tracker.backends if isinstance(b, PrometheusBackend)]
@@ -178,10 +178,10 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
 
 
 def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path):
-    """VireoRunNotScraped's expression on a real Prometheus scraping two controller endpoints: one closes
-    (its end status is held out for one more scrape), the other vanishes without closing."""
-    (rule,) = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
-               if r.get("alert") == "VireoRunNotScraped"]
+    """Alert expressions on a real Prometheus scraping two controller endpoints: tracker errors counted by
+    one fire VireoTrackerFailing; then one closes (its end status is held out for one more scrape), the other
+    vanishes without closing, and only that one fires VireoRunNotScraped."""
+    alerts = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     cfg = load_config(None, ["tracking.prometheus.port=0"])
     backends = {}
     for run_id in ("ended", "lost"):
@@ -205,13 +205,15 @@ def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path)
 
         _wait(lambda: now("vireo_step") == {"ended", "lost"} and all(len(b.clock.times) == 2
                                                                     for b in backends.values()), 60, "two scrapes")
-        assert now(rule["expr"]) == set()  # both alive
+        assert now(alerts["VireoRunNotScraped"]) == now(alerts["VireoTrackerFailing"]) == set()  # both fine
+        backends["ended"].log(2, {"stage": "grpo", "tracking/errors": 3})
+        _wait(lambda: now(alerts["VireoTrackerFailing"]) == {"ended"}, 60, "the tracker errors' increase")
         backends["ended"].close("FAILED")  # an end, however it went, is not a lost run
         lost = backends["lost"].server
         lost.shutdown()
         lost.server_close()
         _wait(lambda: now("vireo_step") == set(), 60, "both endpoints' series to go stale")
-        assert now(rule["expr"]) == {"lost"}
+        assert now(alerts["VireoRunNotScraped"]) == {"lost"}
         assert now("max_over_time(vireo_run_finished[5m])") == {"ended"}  # held out for its last scrape
     finally:
         server.terminate()
