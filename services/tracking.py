@@ -1,6 +1,7 @@
 """Trackers: every metrics row goes to every configured backend (`tracking.backends`), each a registered
 class behind one interface. One run_id (the run directory's name) names the run in all of them: the MLflow
-tag `run_id`, the Prometheus label `run_id`, and the Ray job metadata set by deploy/submit.sh."""
+tag `run_id`, the Prometheus label `run_id`, and the Ray job metadata set by deploy/submit.sh. What leaves
+the run directory (MLflow params and artifacts, printed lines) goes through `redacted` first."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,7 +40,7 @@ class MetricsBackend(Protocol):
 
     def log(self, step: int, metrics: dict[str, float | str]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...  # status: how the run ended (see end_status)
 
 
 TRACKER_BACKENDS: Registry[type[MetricsBackend]] = Registry("tracker backend")
@@ -64,22 +66,64 @@ class JsonlBackend:
         self._file.flush()
         self.rows += 1
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         self._file.close()
 
 
+TRACKING_ERRORS_KEY = "tracking/errors"
+
+
 class Tracker:
-    def __init__(self, backends: list[MetricsBackend]):
-        self.backends = backends
+    """Every row goes to every backend with `tracking/errors` in it: the backends' failures so far. A failing
+    backend (an MLflow outage, a taken port) is logged once per streak and counted, never fatal: the run is
+    worth more than its dashboards, and the rows it missed stay in metrics.jsonl. A backend that cannot
+    start is left out. jsonl is the exception: it is the run's own record (resume and checkpoint selection
+    read it), so its errors end the run."""
+
+    def __init__(self, backends: list[MetricsBackend], log: Callable[[str], None] = print):
+        self.backends, self.note = backends, log
         self.jsonl = next(b for b in backends if isinstance(b, JsonlBackend))
+        self.errors = 0
+        self._failing: set[str] = set()  # backends whose last call failed
+
+    def start(self, run: RunContext) -> None:
+        self.backends = [b for b in self.backends if self._call(b, "start", b.start, run)]
 
     def log(self, step: int, metrics: dict) -> None:
+        row = {**metrics, TRACKING_ERRORS_KEY: self.errors}
         for backend in self.backends:
-            backend.log(step, metrics)
+            self._call(backend, "log", backend.log, step, row)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
         for backend in self.backends:
-            backend.close()
+            self._call(backend, "close", backend.close, status)
+
+    def _call(self, backend: MetricsBackend, what: str, call: Callable, *args) -> bool:
+        if backend is self.jsonl:
+            call(*args)
+            return True
+        name = type(backend).__name__.removesuffix("Backend").lower()
+        try:
+            call(*args)
+        except Exception as exc:  # whatever a tracker raises, the run goes on
+            self.errors += 1
+            if name not in self._failing:
+                self._failing.add(name)
+                self.note(f"[tracking] {name} {what} failed, the run goes on (failures are counted in "
+                          f"{TRACKING_ERRORS_KEY}): {redacted(f'{type(exc).__name__}: {exc}')[:500]}")
+            return False
+        if name in self._failing:
+            self._failing.discard(name)
+            self.note(f"[tracking] {name} works again ({self.errors} failures so far)")
+        return True
+
+
+def end_status(error: BaseException | None, stop_requested: bool) -> str:
+    """How a run ended, as its trackers record it (MLflow's run statuses): FINISHED, KILLED (stopped by a
+    signal or ^C, also after saving), FAILED (anything else raised)."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if stop_requested or isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
 def truncate_rows(path: Path, keep: int) -> int:
@@ -96,10 +140,32 @@ def start_tracker(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = pr
     """The backends named in cfg.tracking.backends, each started with the run's config and identity;
     `resumed_rows` (a resumed run): the metrics rows its checkpoint had seen."""
     run = RunContext(cfg, run_dir.name, run_dir, log, resumed_rows)
-    backends = [TRACKER_BACKENDS.lookup(name)() for name in cfg.tracking.backends]
-    for backend in backends:
-        backend.start(run)
-    return Tracker(backends)
+    tracker = Tracker([TRACKER_BACKENDS.lookup(name)() for name in cfg.tracking.backends], log)
+    tracker.start(run)
+    return tracker
+
+
+REDACTED = "***"
+URI_USERINFO = re.compile(r"(?<=://)[^/?#@\s]+@")
+SECRET_NAME = r"(?:token|password|passwd|secret|api[_-]?key|credentials?)"
+SECRET_KEY = re.compile(rf"(?:^|[_.-]){SECRET_NAME}(?:$|[_.-])", re.IGNORECASE)  # not max_tokens
+SECRET_QUERY = re.compile(rf"(?<=[?&]){SECRET_NAME}=[^&#\s]*", re.IGNORECASE)
+
+
+def redacted(tree):
+    """A copy of a config tree (dicts, lists, strings) fit to show: the userinfo of any URI in a string
+    (`https://user:token@host` -> `https://***@host`), secret-named query parameters, and the values of
+    secret-named keys (`auth_token`, `password`; not `max_tokens`) become ***. The run directory's own
+    config.yaml keeps the real values: a resume reads it."""
+    if isinstance(tree, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in ("", None) else redacted(v)
+                for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [redacted(v) for v in tree]
+    if isinstance(tree, str):
+        text = URI_USERINFO.sub(f"{REDACTED}@", tree)
+        return SECRET_QUERY.sub(lambda m: m[0].split("=", 1)[0] + "=" + REDACTED, text)
+    return tree
 
 
 def numeric(metrics: dict) -> dict[str, float]:
@@ -131,6 +197,18 @@ PROMETHEUS_GAUGES = {
 }
 STEP_TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TIMING_PREFIX, SKIPPED_PREFIX, RESTARTS_KEY = "timing_s/", "data/skipped/", "actors/restarts"
+LINGER_MAX_S = 120  # the longest close waits for Prometheus's next scrape
+
+
+class ScrapeClock:
+    """A collector that exports nothing and notes when the endpoint was last scraped (the last two times)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def collect(self) -> list:
+        self.times = [*self.times[-1:], time.monotonic()]
+        return []
 
 
 @register_backend("prometheus")
@@ -138,7 +216,9 @@ class PrometheusBackend:
     """prometheus_client in the controller process, on its own registry, served at
     http://<tracking.prometheus.host>:<port>/metrics while the run lives. Gauges carry {run_id, stage}; a
     stage's gauges are dropped when the next stage starts, so its lines end there. Row values that are
-    cumulative (restarts, skipped rows) become counters by their increase."""
+    cumulative (restarts, skipped rows, tracker errors) become counters by their increase. At the end,
+    vireo_run_finished{status} is held out for one more scrape: an alert tells a run that ended from one
+    that was lost (deploy/prometheus/alerts.yml, VireoRunNotScraped)."""
 
     def start(self, run: RunContext) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -158,7 +238,13 @@ class PrometheusBackend:
                                 registry=self.registry)
         self.skipped = Counter("vireo_samples_skipped", "Data rows skipped, by split/reason.",
                                ["run_id", "reason"], registry=self.registry)
-        self.restarts.labels(self.run_id)  # exported as 0 from the start
+        self.counters = {RESTARTS_KEY: self.restarts.labels(self.run_id), TRACKING_ERRORS_KEY: Counter(
+            "vireo_tracking_errors", "Failed tracker calls (MLflow, Prometheus); never fatal to the run.",
+            ["run_id"], registry=self.registry).labels(self.run_id)}  # exported as 0 from the start
+        self.finished = Gauge("vireo_run_finished", "1 once the run has ended, by its end status (FINISHED, "
+                              "KILLED, FAILED).", ["run_id", "status"], registry=self.registry)
+        self.clock = ScrapeClock()
+        self.registry.register(self.clock)
         self._cumulative: dict[str, float] = {}
         cfg = run.cfg.tracking.prometheus
         self.server, _ = start_http_server(cfg.port, addr=cfg.host, registry=self.registry)
@@ -180,8 +266,8 @@ class PrometheusBackend:
                 continue
             elif key.startswith(TIMING_PREFIX):
                 self.step_time.labels(self.run_id, stage, key[len(TIMING_PREFIX):]).observe(value)
-            elif key == RESTARTS_KEY:
-                self._increase(self.restarts.labels(self.run_id), key, value)
+            elif key in self.counters:
+                self._increase(self.counters[key], key, value)
             elif key.startswith(SKIPPED_PREFIX):
                 self._increase(self.skipped.labels(self.run_id, key[len(SKIPPED_PREFIX):]), key, value)
         self.step.labels(self.run_id, stage).set(step)
@@ -192,7 +278,15 @@ class PrometheusBackend:
         counter.inc(max(total - self._cumulative.get(key, 0.0), 0.0))
         self._cumulative[key] = max(total, self._cumulative.get(key, 0.0))
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """The end status, then, on an endpoint being scraped, the next scrape (at most 1.5 scrape intervals
+        or LINGER_MAX_S), then the endpoint goes."""
+        self.finished.labels(self.run_id, status).set(1)
+        scraped = self.clock.times
+        if len(scraped) == 2:
+            deadline = time.monotonic() + min(1.5 * (scraped[1] - scraped[0]), LINGER_MAX_S)
+            while self.clock.times[-1] == scraped[-1] and time.monotonic() < deadline:
+                time.sleep(0.1)
         self.server.shutdown()
         self.server.server_close()
 
@@ -206,6 +300,12 @@ def mlflow_key(key: str) -> str:
     key = MLFLOW_BAD_KEY.sub("_", key).replace("..", "_")
     key = re.sub("/{2,}", "/", key).strip("/")
     return key[:250] or "_"
+
+
+# A tracking server's outage costs a few seconds a call, not MLflow's default ~4 minutes of retries (the
+# run goes on either way: Tracker). Defaults only: the environment's own values win.
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def sqlite_artifacts(uri: str) -> Path | None:
@@ -251,9 +351,12 @@ def git_commit() -> str:
 class MlflowBackend:
     """One MLflow run per vireo run: the flattened config as params, every numeric row value as a step
     metric, tags (run_id, stages, git commit, model path, Ray job submission id) and, at the end, the
-    config, report and learning curves as artifacts. $MLFLOW_RUN_ID attaches to an existing run."""
+    config, report and learning curves as artifacts and the run's end status. Params, tags and the
+    config and report artifacts are redacted. $MLFLOW_RUN_ID attaches to an existing run."""
 
     def start(self, run: RunContext) -> None:
+        for key, value in MLFLOW_CLIENT_ENV.items():
+            os.environ.setdefault(key, value)
         from mlflow import MlflowClient
         from mlflow.entities import Param, RunTag
 
@@ -272,15 +375,16 @@ class MlflowBackend:
             experiment = self._experiment(name, sqlite_artifacts(uri))
             self.run_uuid = self.client.create_run(experiment, run_name=run.run_id).info.run_id
         have = self.client.get_run(self.run_uuid).data.params
-        params = [Param(mlflow_key(k), v[:6000]) for k, v in flatten(asdict(run.cfg)).items()
+        params = [Param(mlflow_key(k), v[:6000]) for k, v in flatten(redacted(asdict(run.cfg))).items()
                   if mlflow_key(k) not in have]
         job = ray_job_metadata()
-        tags = {"run_id": run.run_id, "stages": ",".join(s.name for s in run.cfg.stages), "git_commit": git_commit(),
-                "model_path": run.cfg.model.path, "ray_job_submission_id": job.get("job_submission_id", "")}
+        tags = redacted({"run_id": run.run_id, "stages": ",".join(s.name for s in run.cfg.stages),
+                         "git_commit": git_commit(), "model_path": run.cfg.model.path,
+                         "ray_job_submission_id": job.get("job_submission_id", "")})
         for i in range(0, max(len(params), 1), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_uuid, params=params[i:i + 100],
                                   tags=[RunTag(k, v) for k, v in tags.items() if v] if i == 0 else [])
-        run.log(f"[mlflow] run {self.run_uuid} (run_id {run.run_id}) at {uri}")
+        run.log(f"[mlflow] run {self.run_uuid} (run_id {run.run_id}) at {redacted(uri)}")
 
     def _run_named(self, run_id: str) -> str | None:
         """The MLflow run a resumed vireo run logged to before (tag run_id), in any experiment."""
@@ -307,10 +411,19 @@ class MlflowBackend:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_uuid, metrics=batch[i:i + 1000])
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """Artifacts, then the end status (also when an artifact fails)."""
+        import yaml
+
         run_dir = self.run.run_dir
-        plot_runs(self.client, [self.run_uuid], run_dir / CURVES_FILE)
-        for name in (CONFIG_FILE, REPORT_FILE, CURVES_FILE):
-            if (run_dir / name).is_file():
-                self.client.log_artifact(self.run_uuid, str(run_dir / name))
-        self.client.set_terminated(self.run_uuid, "FINISHED")
+        try:
+            plot_runs(self.client, [self.run_uuid], run_dir / CURVES_FILE)
+            for name, load, dump in ((CONFIG_FILE, yaml.safe_load, partial(yaml.safe_dump, sort_keys=False)),
+                                     (REPORT_FILE, json.loads, partial(json.dumps, indent=1))):
+                if (run_dir / name).is_file():
+                    text = dump(redacted(load((run_dir / name).read_text(encoding="utf-8"))))
+                    self.client.log_text(self.run_uuid, text, name)
+            if (run_dir / CURVES_FILE).is_file():
+                self.client.log_artifact(self.run_uuid, str(run_dir / CURVES_FILE))
+        finally:
+            self.client.set_terminated(self.run_uuid, status)

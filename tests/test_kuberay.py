@@ -140,3 +140,117 @@ def test_manifest_runs_the_config_with_the_deploy_runtime_env_and_is_scraped(man
         assert {"name": "metrics", "containerPort": int(group["rayStartParams"]["metrics-export-port"])} \
             in container["ports"]
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "vireo-metrics"}
+
+
+# ---- the files beside the RayJob: durable runs, token auth, network policy ----------------------------
+DEPLOY = ROOT / "deploy" / "kuberay"
+NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}  # a DNS-1123 label
+METADATA = {"type": "object", "required": ["name"], "properties": {
+    "name": NAME, "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}
+SELECTOR = {"type": "object", "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+# The fields these manifests use, as Kubernetes' own OpenAPI schemas define them (core/v1
+# PersistentVolumeClaim and Secret, networking.k8s.io/v1 NetworkPolicy), required fields included.
+K8S_SCHEMAS = {
+    ("v1", "PersistentVolumeClaim"): {"spec": {"type": "object", "required": ["accessModes", "resources"],
+        "properties": {"accessModes": {"type": "array", "minItems": 1, "items": {
+            "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]}},
+            "storageClassName": {"type": "string"},
+            "resources": {"type": "object", "required": ["requests"], "properties": {"requests": {
+                "type": "object", "required": ["storage"], "properties": {
+                    "storage": {"type": "string", "pattern": r"^[0-9]+(Ki|Mi|Gi|Ti|Pi)$"}}}}}}}},
+    ("v1", "Secret"): {"type": {"enum": ["Opaque"]},
+                       "stringData": {"type": "object", "additionalProperties": {"type": "string"}}},
+    ("networking.k8s.io/v1", "NetworkPolicy"): {"spec": {"type": "object", "required": ["podSelector"],
+        "properties": {"podSelector": SELECTOR, "policyTypes": {"type": "array", "items": {
+            "enum": ["Ingress", "Egress"]}}, "ingress": {"type": "array", "items": {"type": "object",
+                "properties": {"from": {"type": "array", "items": {"type": "object", "properties": {
+                    "podSelector": SELECTOR, "namespaceSelector": SELECTOR}}},
+                    "ports": {"type": "array", "items": {"type": "object", "required": ["port"], "properties": {
+                        "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": PORT, "endPort": PORT}}}}}}}}},
+}
+
+
+def _k8s(path: Path) -> dict:
+    """A manifest checked strictly against K8S_SCHEMAS (unknown fields are errors, as for the RayJob)."""
+    doc = yaml.safe_load(path.read_text())
+    schema = strict({"type": "object", "required": ["apiVersion", "kind", "metadata"], "properties": {
+        "apiVersion": {"const": doc["apiVersion"]}, "kind": {"const": doc["kind"]}, "metadata": METADATA,
+        **K8S_SCHEMAS[doc["apiVersion"], doc["kind"]]}})
+    jsonschema.validate(doc, schema)
+    return doc
+
+
+def _pods(manifest) -> list[dict]:
+    spec = manifest["spec"]["rayClusterSpec"]
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def test_companion_manifests_validate_and_a_typo_is_refused(tmp_path):
+    pvc, secret, policy = (_k8s(DEPLOY / f) for f in ("runs-pvc.yaml", "ray-auth-secret.yaml", "networkpolicy.yaml"))
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert set(secret["stringData"]) == {"auth_token"}  # KubeRay's key (RAY_AUTH_TOKEN_SECRET_KEY)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    typo = yaml.safe_load((DEPLOY / "networkpolicy.yaml").read_text())
+    typo["spec"]["ingress"][0]["ports"][0]["prot"] = "TCP"
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    with pytest.raises(jsonschema.ValidationError, match="'prot' was unexpected"):
+        _k8s(tmp_path / "typo.yaml")
+
+
+def test_every_pod_mounts_the_shared_runs_volume_and_a_retry_resumes_the_run(manifest):
+    pvc = yaml.safe_load((DEPLOY / "runs-pvc.yaml").read_text())
+    for group in _pods(manifest):
+        spec = group["template"]["spec"]
+        (runs,) = [v for v in spec["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") ==
+                   pvc["metadata"]["name"]]
+        (container,) = spec["containers"]
+        assert {"name": runs["name"], "mountPath": "/runs"} in container["volumeMounts"]  # read-write
+    spec = manifest["spec"]
+    run_id = spec["metadata"]["run_id"]
+    argv = shlex.split(spec["entrypoint"])
+    assert "out_dir=/runs" in argv and f"run_dir=/runs/{run_id}" in argv  # the same run_dir on every attempt
+    assert spec["backoffLimit"] > 0
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    assert int(env["RAY_JOB_STOP_WAIT_TIME_S"]) >= 600  # `ray job stop`: SIGTERM, a step and a save, SIGKILL
+
+
+def _admits(rule: dict, port: int) -> bool:
+    return any(p["port"] <= port <= p.get("endPort", p["port"]) for p in rule["ports"])
+
+
+def test_token_auth_private_dashboard_and_the_network_policy_admit_what_ray_uses(manifest):
+    secret = yaml.safe_load((DEPLOY / "ray-auth-secret.yaml").read_text())
+    policy = yaml.safe_load((DEPLOY / "networkpolicy.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": secret["metadata"]["name"]}
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # Ray's token auth
+
+    head = cluster["headGroupSpec"]
+    (container,) = head["template"]["spec"]["containers"]
+    assert head["rayStartParams"]["dashboard-host"] == "$(POD_IP)"  # not 0.0.0.0 (KubeRay's default)
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    for probe in ("readinessProbe", "livenessProbe"):  # not KubeRay's default, which asks localhost:8265
+        assert container[probe]["httpGet"] == {"path": "/api/healthz",
+                                               "port": int(head["rayStartParams"]["dashboard-agent-listen-port"])}
+
+    own, job_api, metrics = policy["spec"]["ingress"]
+    for group in _pods(manifest):
+        labels = group["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+        assert [p["podSelector"]["matchLabels"] for p in own["from"]] == [policy["spec"]["podSelector"]["matchLabels"]]
+        params = group["rayStartParams"]
+        ray_ports = [int(v) for k, v in params.items() if k.endswith("-port") and k != "metrics-export-port"]
+        ray_ports += [6379, 8265, 10001, 10002, 19999]  # GCS, dashboard, client, worker ports (Ray's defaults)
+        assert not [port for port in ray_ports if not _admits(own, port)]
+        metrics_port = int(params["metrics-export-port"])
+        assert _admits(metrics, metrics_port) and not _admits(own, metrics_port)
+        (container,) = group["template"]["spec"]["containers"]
+        for port in container["ports"]:
+            assert _admits(metrics if "metrics" in port["name"] else own, port["containerPort"]), port
+    assert _admits(own, 32768) and _admits(own, 60999)  # torch.distributed's ephemeral ports
+    assert [p["port"] for p in job_api["ports"]] == [8265]
+    submitter = [p["podSelector"]["matchLabels"] for p in job_api["from"] if "namespaceSelector" not in p]
+    assert submitter == [{"batch.kubernetes.io/job-name": manifest["metadata"]["name"]}]
+    assert [p["podSelector"]["matchLabels"] for p in metrics["from"]] == [{"app.kubernetes.io/name": "prometheus"}]

@@ -115,3 +115,35 @@ def test_ray_job_submit_runs_a_short_demo_into_mlflow(tmp_path):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
     assert run.data.params["stages/grpo/end/max_steps"] == "3"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "report.json", "curves.png"}
+
+
+def test_submit_sh_writes_json_metadata_reads_the_token_secret_and_refuses_odd_run_ids(tmp_path):
+    """deploy/submit.sh with stand-ins for `ray` (records its arguments and auth) and `kubectl` (the
+    Secret): no cluster."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/args"\n'
+                                 'printf "%s\\n" "$RAY_AUTH_MODE" "$RAY_AUTH_TOKEN" > "$OUT/auth"\n')
+    (bin_dir / "kubectl").write_text('#!/bin/sh\n[ "$3" = vireo-ray-auth ] && printf s3cr3t | base64\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(tmp_path), RAY_AUTH_SECRET="vireo-ray-auth")
+
+    def submit(run_id: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "deploy" / "submit.sh"), "http://head:8265", "configs/demo.yaml", "x=1"],
+                              env={**env, "RUN_ID": run_id}, capture_output=True, text=True, timeout=60)
+
+    done = submit("r1v3.38b_rl-001")
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert json.loads(args[args.index("--metadata-json") + 1]) == {"run_id": "r1v3.38b_rl-001", "git_commit": commit}
+    assert args[args.index("--submission-id") + 1] == "r1v3.38b_rl-001"
+    assert args[-2:] == ["tracking.run_id=r1v3.38b_rl-001", "x=1"]
+    assert (tmp_path / "auth").read_text().splitlines() == ["token", "s3cr3t"]
+    for bad in ('a"b', "a b", "../x", "x/y", "ü", "a'b"):
+        (tmp_path / "args").unlink(missing_ok=True)
+        refused = submit(bad)
+        assert refused.returncode == 2 and "RUN_ID must be letters, digits" in refused.stderr, bad
+        assert not (tmp_path / "args").exists()  # refused before ray was called

@@ -23,7 +23,7 @@ from fleets import FLEET_LAYOUT
 from actors.learner_actor import free_port
 from services.checks import load_config
 from services.run import Run
-from services.tracking import PrometheusBackend
+from services.tracking import PrometheusBackend, RunContext
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "vireo.json"
@@ -68,7 +68,7 @@ def test_promtool_accepts_panels_alerts_and_scrape_config(prometheus_tools, tmp_
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"SUCCESS: {len(rules['groups'][0]['rules'])} rules found" in check.stdout
-    assert "SUCCESS: 4 rules found" in check.stdout
+    assert "SUCCESS: 6 rules found" in check.stdout
     config = subprocess.run([prometheus_tools["promtool"], "check", "config",
                              str(ROOT / "deploy" / "prometheus" / "prometheus.yml")], capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
@@ -127,14 +127,14 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         def empty_panels() -> list[str]:
             return [name for name, expr in panel_queries() if not query(expr)]
 
-        def close_once_scraped(backend):
+        def close_once_scraped(backend, status="FINISHED"):
             """The run's endpoint closes when the run ends; a short run may end before Prometheus has scraped
             its last values (the final evaluation) or two points of a rate. Hold the endpoint open until
             every panel has data (bounded), as a long run's scrapes would."""
             deadline = time.time() + 120
             while empty_panels() and time.time() < deadline:
                 time.sleep(1)
-            close(backend)
+            close(backend, status)
 
         close = PrometheusBackend.close
         monkeypatch.setattr(PrometheusBackend, "close", close_once_scraped)
@@ -163,7 +163,8 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         rules = api(base, "/api/v1/rules")["data"]["groups"]
         assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == {
             "VireoRunStuck": "ok", "VireoRewardCollapse": "ok", "VireoEntropyCollapse": "ok",
-            "VireoRolloutActorsDown": "ok"}
+            "VireoRolloutActorsDown": "ok", "VireoRunNotScraped": "ok", "VireoTrackerFailing": "ok"}
+        assert peak('max by (status) (vireo_run_finished{run_id="prom-run"})') == {'{"status": "FINISHED"}': 1.0}
 
         (backend,) = [b for b in run.tracker.backends if isinstance(b, PrometheusBackend)]
         from prometheus_client import generate_latest
@@ -171,6 +172,49 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         lint = subprocess.run([prometheus_tools["promtool"], "check", "metrics"],
                               input=generate_latest(backend.registry), capture_output=True)
         assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path):
+    """Alert expressions on a real Prometheus scraping two controller endpoints: tracker errors counted by
+    one fire VireoTrackerFailing; then one closes (its end status is held out for one more scrape), the other
+    vanishes without closing, and only that one fires VireoRunNotScraped."""
+    alerts = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
+    cfg = load_config(None, ["tracking.prometheus.port=0"])
+    backends = {}
+    for run_id in ("ended", "lost"):
+        backends[run_id] = PrometheusBackend()
+        backends[run_id].start(RunContext(cfg, run_id, tmp_path / run_id, log=lambda *_: None))
+        backends[run_id].log(1, {"stage": "grpo", "reward/mean": 0.5})
+    prom_port = free_port()
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "vireo", "static_configs": [
+        {"targets": [f"127.0.0.1:{b.server.server_port}" for b in backends.values()]}]}]}
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    base = f"http://127.0.0.1:{prom_port}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    try:
+        _wait(lambda: _ready(base), 120, "Prometheus to start")
+
+        def now(expr: str) -> set[str]:
+            return {s["metric"].get("run_id", "") for s in api(base, "/api/v1/query", query=expr)["data"]["result"]}
+
+        _wait(lambda: now("vireo_step") == {"ended", "lost"} and all(len(b.clock.times) == 2
+                                                                    for b in backends.values()), 60, "two scrapes")
+        assert now(alerts["VireoRunNotScraped"]) == now(alerts["VireoTrackerFailing"]) == set()  # both fine
+        backends["ended"].log(2, {"stage": "grpo", "tracking/errors": 3})
+        _wait(lambda: now(alerts["VireoTrackerFailing"]) == {"ended"}, 60, "the tracker errors' increase")
+        backends["ended"].close("FAILED")  # an end, however it went, is not a lost run
+        lost = backends["lost"].server
+        lost.shutdown()
+        lost.server_close()
+        _wait(lambda: now("vireo_step") == set(), 60, "both endpoints' series to go stale")
+        assert now(alerts["VireoRunNotScraped"]) == {"lost"}
+        assert now("max_over_time(vireo_run_finished[5m])") == {"ended"}  # held out for its last scrape
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -1,11 +1,19 @@
-"""Trackers by config, against the real things: MLflow on a sqlite store, prometheus_client's HTTP
-endpoint; `vireo runs compare|plot` through MLflow's search API; the progress bar on a terminal."""
+"""Trackers by config, against the real things: MLflow on a sqlite store and a real `mlflow server` killed
+mid-run, prometheus_client's HTTP endpoint; `vireo runs compare|plot` through MLflow's search API; the
+progress bar on a terminal."""
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -14,7 +22,8 @@ from services.cli import main as cli
 from services.checks import load_config
 from services.config import ConfigError
 from services.progress import StageProgress
-from services.tracking import PrometheusBackend, RunContext, mlflow_key, start_tracker
+from actors.learner_actor import free_port
+from services.tracking import PrometheusBackend, RunContext, end_status, mlflow_key, redacted, start_tracker
 
 ROWS = [
     {"event": "stage_start", "stage": "grpo", "stage_index": 0},
@@ -28,15 +37,15 @@ ROWS = [
 ]
 
 
-def _log_run(tmp_path, name: str, overrides=()):
+def _log_run(tmp_path, name: str, overrides=(), status: str = "FINISHED"):
     cfg = load_config(None, [f"out_dir={tmp_path}", "tracking.backends=[jsonl,mlflow]", *overrides])
     run_dir = tmp_path / name
     tracker = start_tracker(cfg, run_dir, log=lambda *_: None)
-    (run_dir / "config.yaml").write_text("name: vireo\n")
-    (run_dir / "report.json").write_text(json.dumps({"stages": []}))
+    (run_dir / "config.yaml").write_text(f"name: vireo\nray_address: {cfg.ray_address}\n")
+    (run_dir / "report.json").write_text(json.dumps({"config": {"ray_address": cfg.ray_address}, "stages": []}))
     for step, row in enumerate(ROWS):
         tracker.log(step, row)
-    tracker.close()
+    tracker.close(status)
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
@@ -71,6 +80,7 @@ def test_mlflow_run_holds_params_metrics_tags_and_artifacts(tmp_path, monkeypatc
     assert "timing_s_/odd key" in run.data.metrics and "stage" not in run.data.metrics
     assert math.isnan(client.get_metric_history(run.info.run_id, "actor/critical_entropy")[0].value)
     assert run.data.metrics["eval/heldout/accuracy"] == 0.625
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "tracking/errors")] == [0.0] * len(ROWS)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "report.json", "curves.png"}
     assert run.info.status == "FINISHED"
 
@@ -78,6 +88,82 @@ def test_mlflow_run_holds_params_metrics_tags_and_artifacts(tmp_path, monkeypatc
     _log_run(tmp_path, "demo-a", ["trainer.seed=3"])
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.get_metric_history(run.info.run_id, "reward/mean")) == 4
+
+
+def test_redacted_hides_credentials_in_uris_and_secret_keys_only():
+    tree = {"tracking": {"mlflow": {"tracking_uri": "https://alice:s3cr3t@mlflow.example.com/api?x=1"}},
+            "ray_address": "ray://bob@head:10001", "out_dir": "/runs", "db": "postgresql://u:p@db:5432/mlflow",
+            "auth_token": "abc", "password": "", "sampling": {"max_tokens": 4096, "n": 2},
+            "stages": [{"name": "grpo", "url": "http://h/x?token=abc&page=2", "api-key": 7}]}
+    assert redacted(tree) == {
+        "tracking": {"mlflow": {"tracking_uri": "https://***@mlflow.example.com/api?x=1"}},
+        "ray_address": "ray://***@head:10001", "out_dir": "/runs", "db": "postgresql://***@db:5432/mlflow",
+        "auth_token": "***", "password": "", "sampling": {"max_tokens": 4096, "n": 2},
+        "stages": [{"name": "grpo", "url": "http://h/x?token=***&page=2", "api-key": "***"}]}
+    assert redacted("see https://a:b@h/x and ftp://c@d") == "see https://***@h/x and ftp://***@d"
+    assert tree["auth_token"] == "abc"  # a copy
+
+
+def test_mlflow_gets_redacted_params_tags_and_artifacts_and_the_runs_end_status(tmp_path):
+    uri = _log_run(tmp_path, "demo-k", ["ray_address=ray://user:hunter2@head:10001"], status="KILLED")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("vireo").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.params["ray_address"] == "ray://***@head:10001"
+    for name in ("config.yaml", "report.json"):
+        text = Path(client.download_artifacts(run.info.run_id, name, str(tmp_path / "dl"))).read_text()
+        assert "ray://***@head:10001" in text and "hunter2" not in text
+    assert "hunter2" in (tmp_path / "demo-k" / "config.yaml").read_text()  # the run's own copy: resume reads it
+    assert end_status(None, False) == "FINISHED"
+    assert end_status(RuntimeError("lost a rank"), False) == "FAILED"
+    assert end_status(RuntimeError("stopped after saving"), True) == end_status(KeyboardInterrupt(), False) == "KILLED"
+
+
+def _mlflow_server(tmp_path, port: int) -> subprocess.Popen:
+    """A real tracking server (its own process group, so the test can kill just what it started)."""
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return server
+        except (urllib.error.URLError, OSError):
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+
+
+def test_an_mlflow_outage_mid_run_is_counted_never_fatal(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fast: the bounded defaults take seconds
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()
+    server = _mlflow_server(tmp_path, port)
+    try:
+        lines: list[str] = []
+        cfg = load_config(None, [f"out_dir={tmp_path}", "tracking.backends=[jsonl,mlflow]",
+                                 f"tracking.mlflow.tracking_uri=http://vireo:s3cr3t@127.0.0.1:{port}"])
+        tracker = start_tracker(cfg, tmp_path / "outage", log=lines.append)
+        for step, row in enumerate(ROWS[:2]):
+            tracker.log(step, row)
+        assert tracker.errors == 0
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=60)
+        for step, row in enumerate(ROWS[2:], start=2):
+            tracker.log(step, row)  # no exception: counted
+        tracker.close("FINISHED")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert tracker.errors == 3  # two rows and the close
+    rows = [json.loads(line) for line in (tmp_path / "outage" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and [r["tracking/errors"] for r in rows] == [0, 0, 0, 1]
+    failures = [line for line in lines if line.startswith("[tracking] mlflow")]
+    assert len(failures) == 1 and "log failed, the run goes on" in failures[0]  # once per streak
+    assert not [line for line in lines if "s3cr3t" in line]
+    assert any(f"http://***@127.0.0.1:{port}" in line for line in lines)
 
 
 def test_runs_compare_and_plot_read_mlflow(tmp_path, capsys):
@@ -108,11 +194,12 @@ def test_prometheus_endpoint_series(tmp_path):
     try:
         assert backend.url.startswith("http://127.0.0.1:")
         for step, row in enumerate(ROWS[:3]):
-            backend.log(step, row)
+            backend.log(step, {**row, "tracking/errors": step})
         series = _scrape(backend.url)
         assert series['vireo_reward_mean{run_id="run-7",stage="grpo"}'] == 0.5
         assert series['vireo_step{run_id="run-7",stage="grpo"}'] == 2
         assert series['vireo_actor_restarts_total{run_id="run-7"}'] == 2  # cumulative row value -> counter
+        assert series['vireo_tracking_errors_total{run_id="run-7"}'] == 2
         assert series['vireo_samples_skipped_total{reason="train/missing_answer",run_id="run-7"}'] == 1
         assert series['vireo_step_duration_seconds_count{phase="gen",run_id="run-7",stage="grpo"}'] == 2
         assert series['vireo_rollout_actors_alive{run_id="run-7",stage="grpo"}'] == 1
