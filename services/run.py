@@ -9,6 +9,7 @@ import base64
 import json
 import random
 import signal
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,7 @@ from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FI
                               read_jsonl, write_atomic)
 from services.selection import checkpoint_ranking, record_selection
 from services.stages import EndRule, StageKind, get_stage_kind
-from services.tracking import Tracker, start_tracker
+from services.tracking import Tracker, end_status, redacted, start_tracker
 
 EXIT_INTERRUPTED = 130
 
@@ -304,11 +305,13 @@ class Run:
             self.stop_fleet()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            self.tracker.close()  # after the final report: MLflow logs it as an artifact
+            # after the final report (MLflow logs it as an artifact), with how the run ended
+            self.tracker.close(end_status(sys.exc_info()[1], bool(self.stop_requested)))
         return report
 
     def _begin_report(self, plans: list[StagePlan]) -> dict:
-        report: dict = {"config": json.loads(json.dumps(asdict(self.cfg), default=str)), "eval": [], "stages": []}
+        report: dict = {"config": redacted(json.loads(json.dumps(asdict(self.cfg), default=str))), "eval": [],
+                        "stages": []}
         initial = self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
         report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
         return report
