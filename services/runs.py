@@ -123,10 +123,16 @@ def main(argv) -> int:
     if store is not None and not store.exists():  # reading must not create an empty store (or its folders)
         print(f"vireo runs: no MLflow store at {store} (tracking URI {uri})", file=sys.stderr)
         return 2
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DatabaseError
+
     try:
         frame = search(uri, args.experiment, args.runs)
     except LookupError as exc:
         print(f"vireo runs: {exc}", file=sys.stderr)
+        return 2
+    except (MlflowException, DatabaseError) as exc:  # a damaged store (a cut mlflow.db)
+        print(f"vireo runs: cannot read the MLflow store at {uri}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     if frame.empty:
         print(f"vireo runs: no runs in {args.experiment or 'any experiment'} at {uri}", file=sys.stderr)

@@ -169,3 +169,6 @@ def test_vireo_runs_compare_without_a_store_creates_none(tmp_path, capsys, monke
     _refused(capsys, main(["runs", "plot", "x", "--tracking-uri", str(tmp_path / "mlruns")]), "vireo runs",
              str(tmp_path / "mlruns"))
     assert not any(tmp_path.iterdir())
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\0" + b"\x07" * 4000)  # a damaged store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _refused(capsys, main(["runs", "compare", "--tracking-uri", uri]), "vireo runs", "cannot read the MLflow store")
