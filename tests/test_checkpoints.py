@@ -152,13 +152,14 @@ def test_a_resume_refuses_a_config_that_is_not_its_checkpoints(tmp_path, vireo_t
 
 def test_config_yaml_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
     """`ulimit -f 1` (writes past 1 KiB fail): the old write left config.yaml cut at 1024 bytes; the atomic
-    one leaves no config.yaml, so the next start begins the run anew instead of resuming a damaged one."""
+    one fails and leaves no config.yaml, so no resume can read a cut one."""
     script = ("import sys; sys.path.insert(0, sys.argv[1]); from services.run_dir import write_atomic; "
               "from services.checks import load_config; from services.config import to_yaml; "
               "write_atomic(sys.argv[2], to_yaml(load_config('configs/demo.yaml')))")
-    subprocess.run(["bash", "-c", f'ulimit -f 1; exec "$0" -c "$1" "$2" "$3"', sys.executable, script,
-                    str(sys.path[0]), str(tmp_path / "config.yaml")])
-    assert not (tmp_path / "config.yaml").exists()
+    full = subprocess.run(["bash", "-c", 'ulimit -f 1; exec "$0" -c "$1" "$2" "$3"', sys.executable, script,
+                           str(sys.path[0]), str(tmp_path / "config.yaml")], capture_output=True, text=True)
+    assert full.returncode != 0 and "File too large" in full.stderr  # past 1 KiB
+    assert not any(tmp_path.iterdir())  # no config.yaml, and no temporary left
 
 
 @pytest.mark.parametrize("name", ["/tmp/x", "..", ".", "a/b", "../sibling"])
