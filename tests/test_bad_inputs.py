@@ -159,7 +159,11 @@ def test_vireo_eval_refuses_missing_or_truncated_data_and_a_missing_model_path(t
 
 
 def test_vireo_runs_compare_without_a_store_creates_none(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
     from services.cli import main
+
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -170,5 +174,8 @@ def test_vireo_runs_compare_without_a_store_creates_none(tmp_path, capsys, monke
              str(tmp_path / "mlruns"))
     assert not any(tmp_path.iterdir())
     (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\0" + b"\x07" * 4000)  # a damaged store
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _refused(capsys, main(["runs", "compare", "--tracking-uri", uri]), "vireo runs", "cannot read the MLflow store")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # in a process of its own: MLflow keeps state per process
+    damaged = subprocess.run([sys.executable, "-m", "services.cli", "runs", "compare", "--tracking-uri", uri],
+                             capture_output=True, text=True)
+    assert damaged.returncode == 2 and len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr
+    assert damaged.stderr.startswith("vireo runs: cannot read the MLflow store"), damaged.stderr
