@@ -13,6 +13,7 @@ starts are slower, the limits the same.)
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -128,8 +129,8 @@ class Sandbox:
     def __init__(
         self, fn: Callable[..., Any], *, workers: int = 2, timeout_s: float = 5.0, memory_mb: int | None = 2048
     ) -> None:
-        if workers < 1 or timeout_s <= 0:
-            raise ValueError("need workers >= 1 and timeout_s > 0")
+        if workers < 1 or not 0 < timeout_s < math.inf:  # a NaN deadline kills every worker at once
+            raise ValueError(f"need workers >= 1 and a finite timeout_s > 0, got {workers}, {timeout_s}")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload([fn.__module__])
         self._spawn = partial(_Worker, ctx, fn, memory_mb, 2 * timeout_s + 1)

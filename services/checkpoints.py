@@ -15,12 +15,11 @@ checkpoint, and whatever `latest` names.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.run_dir import fsync_path, write_atomic
+from services.run_dir import fsync_path, read_json, to_json, write_atomic
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -45,11 +44,16 @@ class CheckpointStore:
             shutil.rmtree(stale, ignore_errors=True)
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """A checkpoint's directory, which must be a folder right inside the root: a name such as `/tmp/x`
+        or `..` would have a save replace, or retention delete, something outside the run."""
+        path = self.root / name
+        if path.resolve().parent != self.root.resolve():
+            raise ValueError(f"checkpoint name {name!r} resolves outside {self.root}")
+        return path
 
     def begin(self, name: str) -> Path:
         """An empty temporary directory the learner writes the checkpoint's tensors into."""
-        tmp = self.root / (TMP_PREFIX + name)
+        tmp = self.path(name).with_name(TMP_PREFIX + name)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         return tmp
@@ -57,7 +61,7 @@ class CheckpointStore:
     def commit(self, name: str, tmp: Path, state: dict) -> Path:
         """Add the controller's state, make every byte durable, move the checkpoint into place, then
         point `latest` at it."""
-        write_atomic(tmp / STATE_FILE, json.dumps(state))
+        write_atomic(tmp / STATE_FILE, to_json(state))
         for file in tmp.rglob("*"):
             if file.is_file():
                 fsync_path(file)
@@ -77,7 +81,7 @@ class CheckpointStore:
         pointer is missing or names something incomplete, the complete checkpoint with the highest step."""
         pointer = self.root / LATEST
         if pointer.is_file():
-            found = self._read(self.path(pointer.read_text().strip()))
+            found = self._read(self.root / Path(pointer.read_text().strip()).name)
             if found:
                 return found
         complete = [c for c in (self._read(d) for d in self.root.iterdir() if d.is_dir()
@@ -87,7 +91,7 @@ class CheckpointStore:
     @staticmethod
     def _read(path: Path) -> tuple[Path, dict] | None:
         try:
-            return path, json.loads((path / STATE_FILE).read_text())
+            return path, read_json(path / STATE_FILE)
         except (OSError, ValueError):
             return None
 

@@ -4,6 +4,7 @@ Apart from services.config so that the config stays plain data that every module
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,7 +17,7 @@ from reward.benchmark import PROTOCOLS
 from reward.compose import ACCURACY_SCORERS, REWARD_KINDS
 from rollout.prompts import MAX_IMAGE_PIXELS
 from rollout.weight_transport import TRANSPORTS
-from services.config import ConfigError, RunConfig, flat, parse_config
+from services.config import ConfigError, RunConfig, flat, parse_config, to_yaml
 from services.data.synthetic import MIN_IMAGE_SIZE, TASKS
 from services.selection import CRITERIA
 from services.stages import STAGE_KINDS
@@ -29,7 +30,20 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     that names it."""
     run = parse_config(path, overrides)
     validate(run)
+    run.out_dir = str(Path(run.out_dir).resolve())  # a resume, or a driver in another folder, finds the same run
+    run.run_dir = str(Path(run.run_dir).resolve()) if run.run_dir else ""
     return run
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def name_error(key: str, value: str) -> str | None:
+    """Why a value that becomes one path component (a directory or checkpoint name) cannot be one: only
+    letters, digits and . _ -, and not . or .. (a `/` or `..` would reach outside the run)."""
+    if SAFE_NAME.fullmatch(value) and value not in (".", ".."):
+        return None
+    return f"{key} must be a name of letters, digits and . _ - (not . or ..), got {value!r}"
 
 
 def validate(cfg: RunConfig) -> None:
@@ -40,9 +54,11 @@ def validate(cfg: RunConfig) -> None:
     engine, optim, reward, data = cfg.rollout.engine, cfg.learner.optim, cfg.reward, cfg.data
     checks = [(math.isfinite(value), f"{key} must be a finite number, got {value}")
               for key, value in flat(OmegaConf.structured(cfg)).items() if isinstance(value, float)]
+    names = [("name", cfg.name)] + [(f"stages.{i}.name", s.name) for i, s in enumerate(cfg.stages)]
+    names += [("tracking.run_id", cfg.tracking.run_id)] if cfg.tracking.run_id else []
+    names += [(f"run_dir {cfg.run_dir}: its last part", Path(cfg.run_dir).resolve().name)] if cfg.run_dir else []
+    checks += [(False, error) for key, value in names if (error := name_error(key, value))]
     checks += [
-        (bool(cfg.name) and cfg.name not in (".", "..") and not set(cfg.name) & {"/", "\\"},
-         f"name must be usable as a directory name, got {cfg.name!r}"),
         (data.n_train >= 1 and data.n_heldout >= 1, "data.n_train and data.n_heldout must be >= 1"),
         (MIN_IMAGE_SIZE <= data.image_size and data.image_size**2 <= MAX_IMAGE_PIXELS,
          f"data.image_size must be in [{MIN_IMAGE_SIZE}, {math.isqrt(MAX_IMAGE_PIXELS)}], got {data.image_size}"),
@@ -99,7 +115,6 @@ def validate(cfg: RunConfig) -> None:
          "rollout.num_gpus_per_actor must be 0 (CPU) or rollout.engine.tensor_parallel_size "
          f"({cfg.rollout.engine.tensor_parallel_size}): an engine shards over the GPUs of its actor"),
         (0 <= cfg.tracking.prometheus.port < 65536, "tracking.prometheus.port must be in [0, 65536)"),
-        (not cfg.tracking.run_id or "/" not in cfg.tracking.run_id, "tracking.run_id must not contain '/'"),
     ]
     checks += [one_of(name, TRACKER_BACKENDS, "tracking.backends") for name in cfg.tracking.backends]
     checks.append(("jsonl" in cfg.tracking.backends,
@@ -167,7 +182,7 @@ def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ())
     """The config a resumed run continues with: its own saved one plus the key=value overrides, which may
     only touch RESUMABLE_CHANGES; an override that would change the run's math is a ConfigError naming
     the key. (A CONFIG file given again is not read: the run's own config is the one it started with.)"""
-    saved = load_config(str(saved_path))
+    saved = saved_config(saved_path)
     resumed = load_config(str(saved_path), overrides)
     want, have = flat(OmegaConf.structured(resumed)), flat(OmegaConf.structured(saved))
     refused = sorted(k for k in want.keys() | have.keys()
@@ -176,3 +191,17 @@ def resume_config(saved_path: Path, overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(f"bad config: resuming {saved_path.parent} with an override that changes the run's "
                           "math: " + ", ".join(f"{k}={want.get(k)!r} (the run has {have.get(k)!r})" for k in refused))
     return resumed
+
+
+def saved_config(path: Path) -> RunConfig:
+    """A run's config.yaml, which must be exactly what vireo wrote (every key, as written): one cut by a
+    full disk would otherwise fill the missing keys with defaults and resume another run."""
+    damaged = f"bad config: {path} is damaged or incomplete (not the config vireo wrote), refusing to resume"
+    try:
+        saved = load_config(str(path))
+        intact = to_yaml(saved) == path.read_text(encoding="utf-8")
+    except (ConfigError, ValueError):
+        raise ConfigError(damaged) from None
+    if not intact:
+        raise ConfigError(damaged)
+    return saved

@@ -32,7 +32,7 @@ def _train(args) -> int:
     from services.config import ConfigError
     from services.run import Run, RunStopped, stage_table
     from services.data.loading import DataError
-    from services.run_dir import CONFIG_FILE
+    from services.run_dir import CONFIG_FILE, DamagedFile
     from services.selection import format_ranking
 
     if args.config and "=" in args.config and not Path(args.config).is_file():  # `vireo train key=value …`
@@ -46,7 +46,7 @@ def _train(args) -> int:
                 raise ConfigError(f"{run_dir} holds a run and resume=false: refusing to touch it")
             cfg = resume_config(run_dir / CONFIG_FILE, args.overrides)
         report = Run(cfg, run_dir).run()  # its fleet goes with it, also when the driver lives on
-    except (ConfigError, DataError) as exc:  # refused before any model, actor or run directory exists
+    except (ConfigError, DataError, DamagedFile) as exc:  # refused before any model or actor exists
         print(f"vireo train: {exc}", file=sys.stderr)
         return 2
     except RunStopped as stop:
@@ -73,11 +73,12 @@ def _make_coldstart(args) -> int:
 
 
 def _select_checkpoint(args) -> int:
+    from services.run_dir import DamagedFile
     from services.selection import format_ranking, select_checkpoint
 
     try:
         summary = select_checkpoint(args.run_dir, args.by)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, DamagedFile) as exc:
         print(f"vireo select-checkpoint: {exc}", file=sys.stderr)
         return 2
     print(format_ranking(summary))

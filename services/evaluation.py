@@ -2,7 +2,7 @@
 training), score with the same code as `vireo score` and the reward actor, write per-sample results."""
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,9 +15,9 @@ from reward.types import ScoreRequest
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT, render_prompt
 from rollout.types import RolloutRequest, SamplingConfig, Trajectory
 from rollout.vllm_adapter import EngineOptions
-from services.data.loading import load_problems
+from services.data.loading import DataError, load_problems
 from services.data.problems import Problem
-from services.run_dir import write_atomic
+from services.run_dir import to_json, write_atomic
 from services.scoring import clean_text, format_summary, progress_bar, write_jsonl
 
 
@@ -138,7 +138,7 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
     loaded = load_problems(data_path, limit=options.limit or None)
     problems = loaded.problems
     if not problems:
-        raise ValueError(f"no usable problems in {data_path} (skipped: {dict(loaded.skipped)})")
+        raise DataError(f"no usable problems in {data_path} (skipped: {dict(loaded.skipped)})")
     import torch
 
     images = max(len(p.images) for p in problems) or 1
@@ -164,7 +164,7 @@ def evaluate_model(model_path: str, data_path: str, options: EvalOptions, out_di
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / "results.jsonl", ({k: row.get(k) for k in ("id", "subject", "response", "pred", "correct",
                                                                      "reason", "answer")} for row in rows))
-        write_atomic(out / "summary.json", clean_text(json.dumps(summary, indent=1, ensure_ascii=False)))
+        write_atomic(out / "summary.json", clean_text(to_json(summary, indent=1, ensure_ascii=False)))
     return summary
 
 
@@ -192,13 +192,19 @@ def main(argv) -> int:
     parser.add_argument("--tensor-parallel-size", type=int, default=engine.tensor_parallel_size,
                         help="GPUs the engine shards over (one node)")
     args = parser.parse_args(argv)
-    if args.max_tokens >= args.max_model_len:
-        parser.error(f"--max-tokens {args.max_tokens} leaves no room for the prompt in --max-model-len "
-                     f"{args.max_model_len}")
-    summary = evaluate_model(args.model, args.data, EvalOptions(
-        protocol=args.protocol, mode=args.mode, temperature=args.temperature, max_tokens=args.max_tokens,
-        seed=args.seed, limit=args.limit), args.out, EngineOptions(
-        dtype=args.dtype, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
-        seed=args.seed))
+    try:
+        if args.max_tokens >= args.max_model_len:
+            raise DataError(f"--max-tokens {args.max_tokens} leaves no room for the prompt in --max-model-len "
+                            f"{args.max_model_len}")
+        if args.model.startswith(("/", ".", "~")) and not Path(args.model).expanduser().is_dir():
+            raise DataError(f"--model {args.model}: no such model directory (a path, not a hub id)")
+        summary = evaluate_model(args.model, args.data, EvalOptions(
+            protocol=args.protocol, mode=args.mode, temperature=args.temperature, max_tokens=args.max_tokens,
+            seed=args.seed, limit=args.limit), args.out, EngineOptions(
+            dtype=args.dtype, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size,
+            seed=args.seed))
+    except DataError as exc:  # before any engine starts
+        print(f"vireo eval: {exc}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 0

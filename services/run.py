@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 import torch
+import yaml
 
 from actors.supervision import ActorFailure, RestartBudget
 from learner.types import TrainSample
@@ -24,7 +25,7 @@ from reward.types import RewardResult
 from rollout.prompts import decode_images, render_prompt
 from rollout.types import SamplingConfig, Trajectory
 from services.checkpoints import CheckpointStore
-from services.config import RunConfig, StageConfig, to_yaml
+from services.config import ConfigError, RunConfig, StageConfig, flat, to_yaml
 from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
@@ -32,7 +33,7 @@ from services.evaluation import EvalOptions, EvalResult, evaluate_with_learner, 
 from services.fleet import Fleet, RunDirNotShared
 from services.progress import StageProgress
 from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
-                              read_jsonl, write_atomic)
+                              log_overrides, read_jsonl, sha256_file, to_json, write_atomic)
 from services.selection import checkpoint_ranking, record_selection
 from services.stages import EndRule, StageKind, get_stage_kind
 from services.tracking import Tracker, end_status, redacted, start_tracker
@@ -110,6 +111,7 @@ class Run:
         self.stage_start_model: str | None = None
         self.probe_problem: Problem | None = None
         self.processor = None  # the model's processor (prepare)
+        self.config_sha256 = ""  # of config.yaml (prepare): every checkpoint holds it, a resume checks it
         self.tracker: Tracker | None = None  # the run's metrics sinks (run)
         self._loaded: dict[tuple[str, bool], list[Problem]] = {}
 
@@ -131,7 +133,7 @@ class Run:
             cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
         plans = [self._plan(stage) for stage in cfg.stages]
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.run_dir / CONFIG_FILE, config_text)
+        self._record_config(config_text)
         if not cfg.model.path:
             from learner.model_factory import make_model
 
@@ -142,6 +144,19 @@ class Run:
         self.processor = AutoProcessor.from_pretrained(cfg.model.path)
         self.probe_problem = next(iter(plans[0].heldout.values()), plans[0].sources[0])[0]
         return plans
+
+    def _record_config(self, text: str) -> None:
+        """config.yaml is written once (atomically) and never rewritten: a resume's changes to it go to
+        overrides.jsonl, so the file stays the one every checkpoint's hash names."""
+        saved = self.run_dir / CONFIG_FILE
+        if not saved.is_file():
+            write_atomic(saved, text)
+        else:
+            before, now = (flat(yaml.safe_load(t)) for t in (saved.read_text(encoding="utf-8"), text))
+            changes = {k: now.get(k) for k in before.keys() | now.keys() if before.get(k) != now.get(k)}
+            if changes:
+                log_overrides(self.run_dir, dict(sorted(changes.items())))
+        self.config_sha256 = sha256_file(saved)
 
     def _plan(self, stage: StageConfig) -> StagePlan:
         kind = get_stage_kind(stage.kind)
@@ -268,6 +283,9 @@ class Run:
         self.store = CheckpointStore(self.run_dir / CHECKPOINTS_DIR, cfg.checkpoint)
         latest = self.store.latest()
         state = latest[1] if latest else None
+        if state and state.get("config_sha256") != self.config_sha256:
+            raise ConfigError(f"bad config: {self.run_dir / CONFIG_FILE} is not the config {latest[0]} was saved "
+                              "with (its sha256 differs), refusing to resume")
         self.tracker = start_tracker(cfg, self.run_dir, self.log, state["metrics_rows"] if state else None)
         if latest:
             self.last_checkpoint = str(latest[0])
@@ -392,7 +410,7 @@ class Run:
         self.fleet.save_training_state(str(tmp))
         state = {**stage.state(), "stage_name": self.cfg.stages[stage.index].name, "stage_done": done,
                  "report": report, "skipped": dict(self.skipped), "weights_version": self.fleet.version,
-                 "dirty": self.fleet.dirty, "restarts_used": self.budget.used,
+                 "dirty": self.fleet.dirty, "restarts_used": self.budget.used, "config_sha256": self.config_sha256,
                  "metrics_rows": self.tracker.jsonl.rows, "stage_start_model": self.stage_start_model,
                  "rng": {"python": random.getstate(),
                          "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}}
@@ -441,7 +459,7 @@ class Run:
     def _write_report(self, report: dict) -> None:
         """report.json is rewritten after every evaluation and checkpoint, so a run that fails later keeps
         its evaluations."""
-        write_atomic(self.run_dir / REPORT_FILE, json.dumps(report, indent=1))
+        write_atomic(self.run_dir / REPORT_FILE, to_json(report, indent=1))
 
 
 def _built_once(out: Path, build) -> Path:
@@ -461,9 +479,14 @@ def _built_once(out: Path, build) -> Path:
 def stage_table(report: dict) -> str:
     """Per stage: steps, end reason and held-out accuracy at its end (printed at the end of a run)."""
     lines = [f"{'stage':<14}{'kind':<6}{'steps':>12}  {'end':<11}{'trainable':<24}{'held-out':>9}{'crit. entropy':>15}",
-             f"{'(initial)':<14}{'':<6}{'':>12}  {'':<11}{'':<24}{report['heldout_accuracy_initial']:>9.3f}"]
+             f"{'(initial)':<14}{'':<6}{'':>12}  {'':<11}{'':<24}{_figure(report['heldout_accuracy_initial']):>9.3f}"]
     for s in report["stages"]:
         steps = f"{s['start_step'] + 1}-{s['end_step']}"
-        lines.append(f"{s['name']:<14}{s['kind']:<6}{steps:>12}  {s['end_reason']:<11}"
-                     f"{','.join(s['trainable']):<24}{s['heldout_accuracy']:>9.3f}{s['critical_entropy']:>15.3f}")
+        lines.append(f"{s['name']:<14}{s['kind']:<6}{steps:>12}  {s['end_reason']:<11}{','.join(s['trainable']):<24}"
+                     f"{_figure(s['heldout_accuracy']):>9.3f}{_figure(s['critical_entropy']):>15.3f}")
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> float:
+    """A report's figure; NaN is saved as null (services.run_dir.to_json), and a resumed report holds it."""
+    return float("nan") if value is None else value

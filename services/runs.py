@@ -19,6 +19,15 @@ def default_tracking_uri(out_dir: str | Path = "runs") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
+def local_store(uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI, the folder of a file store, None for a server (http…)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:") or "://" not in uri:
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None
+
+
 def search(tracking_uri: str, experiment: str | None, runs: list[str], max_results: int = 20):
     """Runs as MLflow's DataFrame, in the order named (vireo run_id tag or MLflow run id), else the
     experiment's latest, oldest first (every experiment's when none is named). A name that matches nothing
@@ -110,10 +119,20 @@ def main(argv) -> int:
     plot.add_argument("--out", default="curves.png")
     args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
+    store = local_store(uri)
+    if store is not None and not store.exists():  # reading must not create an empty store (or its folders)
+        print(f"vireo runs: no MLflow store at {store} (tracking URI {uri})", file=sys.stderr)
+        return 2
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import DatabaseError
+
     try:
         frame = search(uri, args.experiment, args.runs)
     except LookupError as exc:
         print(f"vireo runs: {exc}", file=sys.stderr)
+        return 2
+    except (MlflowException, DatabaseError) as exc:  # a damaged store (a cut mlflow.db)
+        print(f"vireo runs: cannot read the MLflow store at {uri}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     if frame.empty:
         print(f"vireo runs: no runs in {args.experiment or 'any experiment'} at {uri}", file=sys.stderr)

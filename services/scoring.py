@@ -4,7 +4,7 @@ the scored rows go to OUT, the summary to the terminal.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import re
 import sys
 import time
@@ -14,7 +14,7 @@ from typing import Any
 
 from reward import mmmu
 from reward.benchmark import DEFAULT_VARIANT, PROTOCOLS, Progress, score_rows
-from services.run_dir import read_jsonl, write_atomic
+from services.run_dir import read_jsonl, to_json, write_atomic
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -29,8 +29,9 @@ def clean_text(text: str) -> str:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    """One JSON value per line, written whole or not at all (a failure part-way leaves the previous file)."""
-    write_atomic(path, clean_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)))
+    """One JSON value per line (NaN and infinity as null), written whole or not at all (a failure part-way
+    leaves the previous file)."""
+    write_atomic(path, clean_text("".join(to_json(row, ensure_ascii=False) + "\n" for row in rows)))
 
 
 def score_file(
@@ -91,6 +92,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     return clean_text("\n".join(lines))  # subject names come from the scored file
 
 
+def input_error(args: argparse.Namespace) -> str | None:
+    """What makes the command impossible, before any worker starts (a NaN timeout killed every worker and
+    scored nothing as wrong), or None."""
+    if not 0 < args.timeout < math.inf:
+        return f"--timeout must be a finite number of seconds > 0, got {args.timeout}"
+    if not args.input.is_file():
+        return f"no such file: {args.input}"
+    if args.output is not None and not args.output.parent.is_dir():
+        return f"the output's folder does not exist: {args.output.parent}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`vireo score --protocol mmmu|math [--mode official|strict] [--variant mmmu|mmmu-pro] IN [OUT]`."""
     parser = argparse.ArgumentParser(prog="vireo score", description="Score a JSONL file of model responses.")
@@ -104,8 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path, nargs="?")
     args = parser.parse_args(argv)
-    if not args.input.is_file():
-        parser.error(f"no such file: {args.input}")
+    refusal = input_error(args)
+    if refusal:
+        print(f"vireo score: {refusal}", file=sys.stderr)
+        return 2
     summary = score_file(args.input, args.output, args.protocol, args.mode, variant=args.variant,
                          timeout_s=args.timeout, progress=progress_bar("scoring"))
     if args.output is not None:

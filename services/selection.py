@@ -6,11 +6,10 @@ and metrics.jsonl's reward. Used at the end of every run and by `vireo select-ch
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from services.run_dir import METRICS_FILE, REPORT_FILE, SELECTION_FILE, read_jsonl, write_atomic
+from services.run_dir import METRICS_FILE, REPORT_FILE, SELECTION_FILE, read_json, read_jsonl, to_json, write_atomic
 
 CRITERIA = ("critical_entropy", "heldout_accuracy", "reward")
 REWARD_WINDOW = 5  # training steps up to a checkpoint whose mean reward/mean it is credited with
@@ -61,14 +60,15 @@ def record_selection(report: dict, metrics: list[dict], by: str) -> None:
 
 
 def select_checkpoint(run_dir: str | Path, by: str) -> dict:
-    """Rank RUN_DIR's checkpoints; writes RUN_DIR/selection.json and returns it."""
+    """Rank RUN_DIR's checkpoints; writes RUN_DIR/selection.json and returns it. A damaged report.json or
+    metrics.jsonl is a DamagedFile naming it."""
     run_dir = Path(run_dir)
     if not (run_dir / REPORT_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} holds no {REPORT_FILE} (not a vireo run directory?)")
-    report = json.loads((run_dir / REPORT_FILE).read_text())
+    report = read_json(run_dir / REPORT_FILE)
     metrics = read_jsonl(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
     summary = selection_summary(report, metrics, by)
-    write_atomic(run_dir / SELECTION_FILE, json.dumps(summary, indent=1))
+    write_atomic(run_dir / SELECTION_FILE, to_json(summary, indent=1))
     return summary
 
 

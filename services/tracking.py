@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from common.registry import Registry
-from services.run_dir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, REPORT_FILE, write_atomic
+from services.run_dir import CONFIG_FILE, CURVES_FILE, METRICS_FILE, REPORT_FILE, append_jsonl, keep_jsonl_rows
 from services.runs import default_tracking_uri, plot_runs
 
 if TYPE_CHECKING:
@@ -49,21 +49,19 @@ register_backend = TRACKER_BACKENDS.register
 
 @register_backend("jsonl")
 class JsonlBackend:
-    """metrics.jsonl in the run directory: one JSON object per row, `step` first; NaN/inf written as null.
-    The run's own record (checkpoint selection and resume read it). A resumed run keeps only the rows its
-    checkpoint had seen: rows written after it (the steps the run repeats) go, so no step appears twice."""
+    """metrics.jsonl in the run directory: one JSON object per row, `step` first; NaN/inf written as null;
+    each row fsynced as it is logged. The run's own record (checkpoint selection and resume read it). A
+    resumed run keeps only the rows its checkpoint had seen: rows written after it (the steps the run
+    repeats, a torn last row) go, so no step appears twice."""
 
     def start(self, run: RunContext) -> None:
         self.path = run.run_dir / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows = truncate_rows(self.path, run.resumed_rows or 0)
+        self.rows = keep_jsonl_rows(self.path, run.resumed_rows or 0)
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                                for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        append_jsonl(self._file, {"step": step, **metrics})
         self.rows += 1
 
     def close(self, status: str = "FINISHED") -> None:
@@ -124,15 +122,6 @@ def end_status(error: BaseException | None, stop_requested: bool) -> str:
     if error is None:
         return "FINISHED"
     return "KILLED" if stop_requested or isinstance(error, KeyboardInterrupt) else "FAILED"
-
-
-def truncate_rows(path: Path, keep: int) -> int:
-    """Keep the first `keep` lines of a JSONL file (atomically); returns the rows kept."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    write_atomic(path, "".join(lines))
-    return len(lines)
 
 
 def start_tracker(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print,

@@ -105,3 +105,77 @@ def test_bad_data_files_are_refused_before_anything_starts(tmp_path, tiny_data_d
             assert rc == 2, (name, err)
             assert err.startswith("vireo train: ") and len(err.strip().splitlines()) == 1, (name, err)
             assert all(m in err for m in mentions), (name, err)
+
+
+def _refused(capsys, rc: int, command: str, *mentions: str) -> None:
+    """rc 2 and one stderr line naming what is wrong, no traceback."""
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith(f"{command}: "), err
+    assert all(m in err for m in mentions), err
+
+
+@pytest.mark.parametrize("timeout", ["nan", "inf", "0", "-1"])
+def test_vireo_score_refuses_an_impossible_timeout(tmp_path, capsys, timeout):
+    from services.cli import main
+
+    responses = tmp_path / "in.jsonl"
+    responses.write_text('{"response": "\\\\boxed{4}", "answer": "4"}\n')
+    rc = main(["score", "--protocol", "math", "--timeout", timeout, str(responses), str(tmp_path / "out.jsonl")])
+    _refused(capsys, rc, "vireo score", "--timeout", timeout)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_vireo_score_refuses_an_output_in_a_missing_folder_and_writes_nan_as_null(tmp_path, capsys):
+    import json
+
+    from services.cli import main
+
+    responses = tmp_path / "in.jsonl"
+    responses.write_text('{"response": "\\\\boxed{4}", "answer": NaN}\n{"response": "\\\\boxed{4}", "answer": 4}\n')
+    rc = main(["score", "--protocol", "math", str(responses), str(tmp_path / "nope" / "out.jsonl")])
+    _refused(capsys, rc, "vireo score", str(tmp_path / "nope"))
+    assert not (tmp_path / "nope").exists()
+    assert main(["score", "--protocol", "math", str(responses), str(tmp_path / "out.jsonl")]) == 0
+
+    def no_constants(name):
+        raise AssertionError(f"bare {name} in the output")
+
+    rows = [json.loads(line, parse_constant=no_constants) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert rows[0]["answer"] is None and rows[1]["correct"] is True
+
+
+def test_vireo_eval_refuses_missing_or_truncated_data_and_a_missing_model_path(tmp_path, capsys, tiny_data_dir,
+                                                                               tiny_model_dir):
+    from services.cli import main
+
+    model = tiny_model_dir("internvl")
+    good = tiny_data_dir / "heldout.parquet"
+    (tmp_path / "cut.parquet").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    capsys.readouterr()
+    for data, mentions in ((tmp_path / "nope.parquet", ["nope.parquet", "not found"]),
+                           (tmp_path / "cut.parquet", ["cut.parquet", "not a readable parquet file"])):
+        _refused(capsys, main(["eval", "--model", model, "--data", str(data)]), "vireo eval", *mentions)
+    _refused(capsys, main(["eval", "--model", "/missing", "--data", str(good)]), "vireo eval", "--model /missing")
+
+
+def test_vireo_runs_compare_without_a_store_creates_none(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from services.cli import main
+
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _refused(capsys, main(["runs", "compare"]), "vireo runs", str(tmp_path / "runs" / "mlflow.db"))
+    uri = f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}"
+    _refused(capsys, main(["runs", "compare", "--tracking-uri", uri]), "vireo runs", "no MLflow store")
+    _refused(capsys, main(["runs", "plot", "x", "--tracking-uri", str(tmp_path / "mlruns")]), "vireo runs",
+             str(tmp_path / "mlruns"))
+    assert not any(tmp_path.iterdir())
+    (tmp_path / "mlflow.db").write_bytes(b"SQLite format 3\0" + b"\x07" * 4000)  # a damaged store
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # in a process of its own: MLflow keeps state per process
+    damaged = subprocess.run([sys.executable, "-m", "services.cli", "runs", "compare", "--tracking-uri", uri],
+                             capture_output=True, text=True)
+    assert damaged.returncode == 2 and len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr
+    assert damaged.stderr.startswith("vireo runs: cannot read the MLflow store"), damaged.stderr

@@ -4,6 +4,7 @@ rule and the metrics file."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -118,3 +119,54 @@ def test_metrics_rows_after_the_checkpoint_are_dropped_on_resume(tmp_path):
     again.close()
     assert [(r["step"], r["x"]) for r in read_jsonl(path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
     assert again.rows == 4
+
+
+def test_a_resume_refuses_a_config_yaml_cut_by_a_full_disk(tmp_path, vireo_train):
+    """The disk-full probe: config.yaml cut at 1024 bytes is refused (rc 2, one line naming it), and so is
+    one whose text is not the one the checkpoint was saved with."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    text = to_yaml(load_config("configs/demo.yaml", [f"run_dir={run_dir}"]))
+    (run_dir / "config.yaml").write_text(text[:1024])
+    rc, err = vireo_train(f"run_dir={run_dir}")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{run_dir / 'config.yaml'} is damaged or incomplete" in err, err
+
+
+def test_a_resume_refuses_a_config_that_is_not_its_checkpoints(tmp_path, vireo_train, tiny_model_dir, tiny_data_dir,
+                                                               capsys):
+    model = tiny_model_dir("internvl")
+    capsys.readouterr()  # the session's model build
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, [f"run_dir={run_dir}", f"model.path={model}",
+                             f"data.train={tiny_data_dir}/train.parquet", "tracking.backends=[jsonl]"])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    store = CheckpointStore(run_dir / "checkpoints", CheckpointConfig())
+    store.commit("grpo-step2", store.begin("grpo-step2"), {"global_step": 2, "stage_index": 0,
+                                                           "config_sha256": "0" * 64})
+    rc, err = vireo_train(f"run_dir={run_dir}")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{run_dir / 'config.yaml'} is not the config {run_dir / 'checkpoints' / 'grpo-step2'} was saved" in err
+
+
+def test_config_yaml_is_written_whole_or_not_at_all_on_a_full_disk(tmp_path):
+    """`ulimit -f 1` (writes past 1 KiB fail): the old write left config.yaml cut at 1024 bytes; the atomic
+    one fails and leaves no config.yaml, so no resume can read a cut one."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from services.run_dir import write_atomic; "
+              "from services.checks import load_config; from services.config import to_yaml; "
+              "write_atomic(sys.argv[2], to_yaml(load_config('configs/demo.yaml')))")
+    full = subprocess.run(["bash", "-c", 'ulimit -f 1; exec "$0" -c "$1" "$2" "$3"', sys.executable, script,
+                           str(sys.path[0]), str(tmp_path / "config.yaml")], capture_output=True, text=True)
+    assert full.returncode != 0 and "File too large" in full.stderr  # past 1 KiB
+    assert not any(tmp_path.iterdir())  # no config.yaml, and no temporary left
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "..", ".", "a/b", "../sibling"])
+def test_the_store_refuses_a_checkpoint_outside_its_root(tmp_path, name):
+    store = CheckpointStore(tmp_path / "ck", CheckpointConfig())
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint name {name!r} resolves outside")):
+        store.begin(name)
+    with pytest.raises(ValueError, match="resolves outside"):
+        store.path(name)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"] and not any((tmp_path / "ck").iterdir())

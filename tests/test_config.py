@@ -98,3 +98,46 @@ def test_missing_file_and_yaml_syntax(tmp_path):
     broken.write_text("stages: [{name: a, kind: sft\n")
     with pytest.raises(ConfigError, match="bad config"):
         load_config(str(broken))
+
+
+@pytest.mark.parametrize("key", ["name", "stages.0.name", "tracking.run_id"])
+@pytest.mark.parametrize("value", ["a/b", "..", ".", "/abs", "a b", ""])
+def test_a_name_that_becomes_a_path_is_refused_before_anything_is_written(tmp_path, vireo_train, key, value):
+    if key == "tracking.run_id" and not value:
+        return  # an empty run_id means <name>-<time>
+    victim = tmp_path / "victim"  # a stage named like an existing folder must not reach it
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, err = vireo_train(f"{key}='{value}'")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{key} must be a name of letters, digits and . _ - (not . or ..), got {value!r}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (victim / "keep").read_text() == "x"
+
+
+def test_a_run_dir_whose_last_part_is_no_name_is_refused(vireo_train):
+    rc, err = vireo_train("run_dir=/")
+    assert rc == 2 and "run_dir /: its last part must be a name" in err, err
+
+
+def test_out_dir_and_run_dir_are_absolute_once_loaded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["out_dir=runs", "run_dir=runs/../here"])
+    assert (cfg.out_dir, cfg.run_dir) == (str(tmp_path / "runs"), str(tmp_path / "here"))
+
+
+@pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/proof.yaml", "configs/r1v3_38b.yaml",
+                                  "configs/ablations/rl_clip_higher.yaml", None])
+def test_a_saved_config_reads_back_as_written_and_a_cut_one_is_refused(tmp_path, path):
+    """What a resume trusts: config.yaml exactly as vireo wrote it. Cut at 1024 bytes (a full disk under the
+    old non-atomic write), it is refused, not completed with defaults (batch 4 -> 16, lr 1e-6 -> 1e-5)."""
+    from services.checks import saved_config
+    from services.config import to_yaml
+
+    saved = tmp_path / "config.yaml"
+    text = to_yaml(load_config(path))
+    saved.write_text(text)
+    assert to_yaml(saved_config(saved)) == text
+    saved.write_text(text[:1024])
+    with pytest.raises(ConfigError, match=re.escape(f"{saved} is damaged or incomplete")):
+        saved_config(saved)

@@ -104,3 +104,41 @@ def test_resume_on_another_learner_world_size(straight_and_resumed, fleet):
         one = next(r for r in rows if r["step"] == step)
         for key in ("actor/loss", "actor/grad_norm"):
             assert abs(one[key] - two[step][key]) <= 1e-4 * abs(two[step][key]), (step, key, one[key], two[step][key])
+
+
+def test_a_torn_metrics_row_is_cut_and_the_resume_gives_the_same_rows(fleet, tmp_path, tiny_model_dir, tiny_data_dir):
+    """Stopped by SIGTERM in step 2 (a checkpoint after it), then a half-written row appended, as a kill
+    mid-append leaves: the resume cuts it, and the run's rows equal a straight run's. config.yaml is never
+    rewritten: the checkpoints hold its hash and the resume's override goes to overrides.jsonl."""
+    import hashlib
+    import json
+    import os
+    import signal
+
+    grpo = [*FLEET_LAYOUT, f"model.path={tiny_model_dir('internvl')}", f"data.train={tiny_data_dir}/train.parquet",
+            f"data.heldout={tiny_data_dir}/heldout.parquet", "evaluation.limit=4", "evaluation.max_tokens=8",
+            "reward.workers=1", "tracking.backends=[jsonl]", "trainer.probe_every=0", "stages.0.batch_size=4",
+            "stages.0.sampling.n=2", "stages.0.sampling.max_tokens=8", "stages.0.end.max_steps=3",
+            "stages.0.save_every=1", "stages.0.algo.drop_uniform_groups=false"]
+    run_on(fleet, load_config(None, grpo), tmp_path / "straight")
+    torn = tmp_path / "torn"
+
+    def stop_in_step_2(train):
+        def train_then_sigterm(samples):
+            if [r["step"] for r in read_jsonl(torn / "metrics.jsonl") if "event" not in r] == [1]:
+                os.kill(os.getpid(), signal.SIGTERM)  # the run's handler: finish the step, checkpoint, stop
+            return train(samples)
+
+        return train_then_sigterm
+
+    with wrapped(fleet, "train", stop_in_step_2), pytest.raises(RunStopped, match="stopped by SIGTERM after step 2"):
+        run_on(fleet, load_config(None, grpo), torn)
+    config = (torn / "config.yaml").read_bytes()
+    with (torn / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "reward/mean": 0.')
+    run_on(fleet, resume_config(torn / "config.yaml", ["faults.max_restarts=7"]), torn)
+    assert _comparable(read_jsonl(torn / "metrics.jsonl")) == _comparable(read_jsonl(tmp_path / "straight" / "metrics.jsonl"))
+    assert (torn / "config.yaml").read_bytes() == config
+    state = json.loads((torn / "checkpoints" / "grpo" / "trainer_state.json").read_text())
+    assert state["config_sha256"] == hashlib.sha256(config).hexdigest()
+    assert [row["changes"] for row in read_jsonl(torn / "overrides.jsonl")] == [{"faults.max_restarts": 7}]

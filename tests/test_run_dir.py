@@ -1,5 +1,5 @@
-"""The run directory's one writer and one reader: a file is replaced whole or not at all, and a JSONL file
-cut mid-row by a crash still reads."""
+"""The run directory's one writer and one reader: a file is replaced whole or not at all, NaN is written as
+null, a JSONL file cut mid-row by a crash is a damaged file naming it until the resume cuts the torn row."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from services.run_dir import read_jsonl, write_atomic
+from services.run_dir import DamagedFile, keep_jsonl_rows, read_json, read_jsonl, to_json, write_atomic
 
 
 def test_a_write_replaces_the_file_whole_and_leaves_no_temporary(tmp_path):
@@ -30,13 +30,31 @@ def test_the_module_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_torn_last_line_is_dropped_and_a_damaged_middle_is_an_error(tmp_path):
+def test_a_torn_or_damaged_line_is_an_error_naming_it(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n\n{"step": 2}\n{"step": 3, "x": 0.')
-    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
-    path.write_text('{"step": 1}\n{"step": 2, "x\n{"step": 3}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not JSON"):
+    with pytest.raises(DamagedFile, match=r"metrics.jsonl:4 is not JSON"):
         read_jsonl(path)
+    path.write_text('{"step": 1}\n{"step": 2, "x\n{"step": 3}\n')
+    with pytest.raises(DamagedFile, match=r"metrics.jsonl:2 is not JSON"):
+        read_jsonl(path)
+
+
+def test_a_resume_cuts_the_torn_row_and_refuses_lost_ones(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "x": 0.')
+    assert keep_jsonl_rows(path, 2) == 2 and path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "x": 0.')  # the checkpoint counted two rows: one is gone
+    with pytest.raises(DamagedFile, match="metrics.jsonl holds 1 complete rows, its checkpoint saw 2"):
+        keep_jsonl_rows(path, 2)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    value = {"a": float("nan"), "b": [float("inf"), (1.5, -float("inf"))], "c": "NaN"}
+    assert to_json(value) == '{"a": null, "b": [null, [1.5, null]], "c": "NaN"}'
+    write_atomic(tmp_path / "r.json", to_json(value)[:10])
+    with pytest.raises(DamagedFile, match=r"r.json is not JSON"):
+        read_json(tmp_path / "r.json")
 
 
 def test_unparsed_lines_can_be_kept_as_their_text(tmp_path):

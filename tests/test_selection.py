@@ -78,3 +78,16 @@ def test_train_prints_the_ranking_by_select_by(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "by heldout_accuracy;" in out and "by critical_entropy" not in out
     assert out.index("ck/40") < out.index("ck/20")
+
+
+@pytest.mark.parametrize("damaged", ["report.json", "metrics.jsonl"])
+def test_select_checkpoint_on_a_damaged_record_names_it(tmp_path, capsys, damaged):
+    report, metrics = json.dumps(_report()), "".join(json.dumps(m) + "\n" for m in METRICS)
+    (tmp_path / "report.json").write_text(report[:len(report) // 2] if damaged == "report.json" else report)
+    (tmp_path / "metrics.jsonl").write_text(metrics + '{"step": 99, "reward/me' if damaged == "metrics.jsonl"
+                                            else metrics)
+    assert main(["select-checkpoint", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("vireo select-checkpoint: ")
+    assert f"{tmp_path / damaged}" in err and "is not JSON" in err, err
+    assert not (tmp_path / "selection.json").exists()
