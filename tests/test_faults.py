@@ -22,7 +22,7 @@ from fleets import FLEET_LAYOUT, run_on, wrapped
 from services.cli import main
 from services.checks import load_config
 from services.run import RunStopped
-from services.run_dir import read_jsonl
+from services.run_dir import DamagedFile, read_jsonl
 
 GRPO_ONLY = """
 stages:
@@ -136,7 +136,11 @@ def _wait_for_row(run_dir, step: int, process: subprocess.Popen, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(r["step"] >= step and "reward/mean" in r for r in read_jsonl(path)):
+        try:
+            rows = read_jsonl(path) if path.is_file() else []
+        except DamagedFile:  # the run is writing a row right now
+            rows = []
+        if any(r["step"] >= step and "reward/mean" in r for r in rows):
             return
         assert process.poll() is None, process.stdout.read()
         time.sleep(0.2)
