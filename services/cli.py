@@ -55,6 +55,9 @@ def _train(args) -> int:
     except KeyboardInterrupt:
         print(f"vireo train: stopped at once; resume with: vireo train run_dir={run_dir}", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only or vanished volume: the checkpoints before it stand
+        print(f"vireo train: {exc}", file=sys.stderr)
+        return 1
     print(stage_table(report))
     print(format_ranking(report))
     print(f"[done] run directory: {run_dir}")
