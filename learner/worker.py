@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from learner import algos
+from learner.checkpoint_files import OPTIMIZER, WEIGHTS, ShardReader, write_shards
 from learner.critical_tokens import (critical_token_ids,
                                      entropy_metrics, entropy_stats)
 from learner.param_groups import group_of, set_trainable
@@ -25,8 +26,6 @@ from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
 from rollout.weight_transport import EngineLink, make_transport
 
-# In a folder of its own: vLLM loads every *.safetensors file at the top of a checkpoint as weights.
-OPTIMIZER_FILE = os.path.join("optimizer", "adamw.safetensors")
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
 _TIED_SUFFIXES = ("lm_head.weight",)
@@ -381,58 +380,73 @@ class LearnerWorker:
 
     def save_hf(self, out_dir: str) -> None:
         """Write an HF checkpoint (loadable by transformers and vLLM); collective for ZeRO-3."""
-        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_weights()}
+        self._save_shards(out_dir, WEIGHTS, self.named_weights())
         if self.rank == 0:
-            self._module().save_pretrained(out_dir, state_dict=state)
+            module = self._module()
+            module.config.save_pretrained(out_dir)
+            if getattr(module, "generation_config", None) is not None:
+                module.generation_config.save_pretrained(out_dir)
             self.processor.save_pretrained(out_dir)
         dist.barrier()
+
+    def _save_shards(self, out_dir: str, base: str, tensors: Iterator[tuple[str, torch.Tensor]],
+                     metadata: dict[str, str] | None = None) -> None:
+        """Rank 0 streams the tensors into shards of learner.optim.checkpoint_shard_mb, so its host memory
+        holds one shard and one gathered tensor; the other ranks only join the gathers, in the same order."""
+        if self.rank == 0:
+            write_shards(out_dir, base, tensors, int(self.cfg.checkpoint_shard_mb * 2**20), metadata)
+        else:
+            for _ in tensors:
+                pass
 
     # ---- resumable state ------------------------------------------------------------------------
     def save_training_state(self, out_dir: str) -> None:
         """The learner's part of a resumable checkpoint: the HF export (the weights, which vLLM and
         `vireo eval` load too) and AdamW's moments as full tensors per parameter name with the step count
-        (OPTIMIZER_FILE). Gathered, so a run resumes on any number of ranks and any ZeRO stage — the idea
-        of DeepSpeed's universal checkpoint, written directly. Collective: every rank calls it."""
+        (learner.checkpoint_files OPTIMIZER). Gathered, so a run resumes on any number of ranks and any ZeRO
+        stage — the idea of DeepSpeed's universal checkpoint, written directly. Collective: every rank
+        calls it; learner.checkpoint_files.missing_checkpoint_files tells whether it completed."""
         self.save_hf(out_dir)
-        moments = {f"{key}/{name}": value.to("cpu", copy=True) for name, key, value in self._moments()}
-        if self.rank == 0:
-            from safetensors.torch import save_file
-
-            os.makedirs(os.path.join(out_dir, os.path.dirname(OPTIMIZER_FILE)), exist_ok=True)
-            save_file(moments, os.path.join(out_dir, OPTIMIZER_FILE),
-                      metadata={"optimizer_steps": str(self._optimizer_steps()), "stage_step": str(self.stage_step)})
+        moments = ((f"{key}/{name}", value) for name, key, value in self._moments())
+        self._save_shards(out_dir, OPTIMIZER, moments, {"optimizer_steps": str(self._optimizer_steps()),
+                                                        "stage_step": str(self.stage_step)})
         dist.barrier()
 
     def load_training_state(self, in_dir: str) -> None:
         """Continue the begun stage from save_training_state's checkpoint (the weights came with the model
-        path): AdamW's moments and step count, and the stage's step, which places the lr schedule."""
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(in_dir, OPTIMIZER_FILE), "pt") as f:
-            meta = f.metadata()
-            moments = {key: f.get_tensor(key) for key in f.keys()}
+        path): AdamW's moments and step count, and the stage's step, which places the lr schedule. Each
+        rank reads one moment at a time, under ZeRO-3 only its own partition's slice of it."""
+        moments = ShardReader(in_dir, OPTIMIZER)
         self._require_stage()
-        self.stage_step = int(meta["stage_step"])
-        steps = int(meta["optimizer_steps"])
+        self.stage_step = int(moments.metadata["stage_step"])
+        steps = int(moments.metadata["optimizer_steps"])
         if not steps:  # saved before the stage's first update: AdamW has no state yet
             return
         base = self._base_optimizer()
-        for group in base.param_groups:  # AdamW initialises its state lazily; give it the saved step count
-            for flat in group["params"]:
-                state = base.state[flat]
-                if not state:
-                    state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-                state["step"] = torch.tensor(float(steps))
+        # AdamW initialises its state lazily; give it the saved step count. ZeRO-3 hands AdamW its flat fp32
+        # partitions only during a step, so they are found on the ZeRO optimizer.
+        flats = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+            flat for group in base.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = base.state[flat]
+            if not state:
+                state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+            state["step"] = torch.tensor(float(steps))
         if hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (deepspeed 0.19)
             self.engine.optimizer._hp_optimizer_states_linked = False
             self.engine.optimizer._lazy_init_hp_params_optimizer_state()
-        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
         for name, param in self._module().named_parameters():
             if not param.requires_grad:
                 continue
             for key in ADAM_MOMENTS:
-                value = moments[f"{key}/{name}"].to(self.device)
+                if self.cfg.zero_stage == 3:  # this rank's partition: a flat range, padded at the end
+                    size = param.ds_tensor.numel()
+                    local = moments.flat_slice(f"{key}/{name}", self.rank * size, size)
+                    safe_set_local_optimizer_state(param, local.to(self.device), key)
+                    continue
+                value = moments.tensor(f"{key}/{name}").to(self.device)
                 if self.cfg.zero_stage == 0:
                     base.state[param][key].copy_(value)
                 else:
