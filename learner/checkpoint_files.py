@@ -77,31 +77,39 @@ def missing_checkpoint_files(directory: str) -> list[str]:
 
 
 class ShardReader:
-    """A sharded set opened by its index: tensors by name, each read from its shard when asked."""
+    """A sharded set opened by its index: tensors by name, each read from its shard when asked (reading in
+    the written order keeps one shard mapped at a time)."""
 
     def __init__(self, directory: str, base: str):
+        self._folder = os.path.dirname(index_path(directory, base))
+        self._open: tuple[str, object] | None = None
+        if not os.path.exists(index_path(directory, base)):  # one file without an index (a model as HF saves it)
+            single = os.path.basename(base) + ".safetensors"
+            self.metadata, self._file_of = {}, dict.fromkeys(self._file(single).keys(), single)
+            return
         with open(index_path(directory, base)) as f:
             index = json.load(f)
         self.metadata: dict[str, str] = index["metadata"]
-        self._folder = os.path.dirname(index_path(directory, base))
         self._file_of: dict[str, str] = index["weight_map"]
-        self._open: dict[str, object] = {}
 
-    def _file(self, name: str):
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def _file(self, file: str):
         from safetensors import safe_open
 
-        file = self._file_of[name]
-        if file not in self._open:
-            self._open[file] = safe_open(os.path.join(self._folder, file), "pt")
-        return self._open[file]
+        if self._open is None or self._open[0] != file:  # one open at a time: its mapped pages count as RSS
+            self._open = None
+            self._open = file, safe_open(os.path.join(self._folder, file), "pt")
+        return self._open[1]
 
     def tensor(self, name: str):
-        return self._file(name).get_tensor(name)
+        return self._file(self._file_of[name]).get_tensor(name)
 
     def flat_slice(self, name: str, start: int, length: int):
         """Elements [start, start + length) of the flattened tensor, zero-padded past its end (a ZeRO-3
         partition): reads only the rows that hold them."""
-        view = self._file(name).get_slice(name)
+        view = self._file(self._file_of[name]).get_slice(name)
         shape = view.get_shape()
         if not shape:  # a scalar
             piece = self.tensor(name).flatten()[start:start + length]

@@ -9,7 +9,8 @@ import gc
 import math
 import os
 import sys
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import nullcontext
 from functools import cached_property
 
 import torch
@@ -78,10 +79,12 @@ class LearnerWorker:
         self.cfg = cfg
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.critical_ids = sorted(critical_token_ids(self.processor.tokenizer, cfg.critical_words))
-        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype))
+        model = (self._load_partitioned(model_path) if self._partitioned() else
+                 AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)))
         if self.model_type not in (None, model.config.model_type):
             raise ValueError(f"this learner group trains {self.model_type}, not {model.config.model_type}")
-        self._model, self.model_type = model.to(self.device), model.config.model_type
+        self._model = model if cfg.zero_stage == 3 else model.to(self.device)
+        self.model_type = model.config.model_type
         self.stage: StageSpec | None = None
         self.trainable_params: dict[str, int] = {}
         self._trained_since_sync: set[str] = set()
@@ -104,17 +107,7 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(params, lr=self._lr(spec, 0), betas=tuple(spec.optim.betas),
                                       weight_decay=spec.optim.weight_decay)
         dtype = _torch_dtype(self.cfg.dtype)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16},
-            "steps_per_print": 1 << 30,
-        }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config(),
                                                model_parameters=params)
         self.ref_model = None
         if spec.loss.kl_coef > 0:
@@ -126,6 +119,45 @@ class LearnerWorker:
         self.stage, self.stage_step, self.trainable_params = spec, 0, trainable
         self._trained_since_sync.update(g for g, n in trainable.items() if n)  # they may change from now on
         return trainable
+
+    def _load_partitioned(self, model_path: str) -> torch.nn.Module:
+        """The checkpoint built under deepspeed.zero.Init, each rank keeping only its partitions (38B in bf16
+        is 77 GB a rank otherwise): rank 0 reads one tensor at a time into each gathered parameter.
+        (transformers' own ZeRO-3 loading needs accelerate, which vireo does not install.)"""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self._ds_config()):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path),
+                                                            dtype=_torch_dtype(self.cfg.dtype))
+        weights = ShardReader(model_path, WEIGHTS)
+        stored = _stored_names(model, weights.names())
+        missing = [name for name, _ in model.named_parameters() if name not in stored]
+        if missing:
+            raise RuntimeError(f"{model_path} lacks the parameters {missing}")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        param.copy_(weights.tensor(stored[name]))
+            for name, buffer in model.named_buffers():  # not partitioned: every rank loads its own
+                if name in stored:
+                    buffer.copy_(weights.tensor(stored[name]))
+        return model
+
+    def _ds_config(self) -> dict:
+        dtype = _torch_dtype(self.cfg.dtype)
+        return {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 1 << 30,
+        }
 
     def _current_model(self) -> torch.nn.Module:
         """The policy as a plain module: at the first stage the loaded checkpoint, later a fresh module
@@ -270,7 +302,7 @@ class LearnerWorker:
         nll, entropy_sums = 0.0, [0.0] * 5
         policy = self._policy()
         policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._whole_before_a_stage():
             for chunk in self._micro_batches(samples):
                 logprobs, entropy, mask, labels = self._forward(policy, chunk or [samples[0].as_padding()],
                                                                 with_entropy=True)
@@ -289,6 +321,19 @@ class LearnerWorker:
 
     def _module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self._model
+
+    def _partitioned(self) -> bool:
+        """ZeRO-3 parameters: gathered on use (by the engine's hooks once a stage has begun)."""
+        return self.cfg.zero_stage == 3
+
+    def _whole_before_a_stage(self):
+        """A forward pass of the loaded, ZeRO-3-partitioned model before any stage (no engine hooks yet)
+        gathers it whole for its length; otherwise nothing."""
+        import deepspeed
+
+        if self._partitioned() and self.engine is None:
+            return deepspeed.zero.GatheredParameters(list(self._model.parameters()))
+        return nullcontext()
 
     def _require_stage(self) -> StageSpec:
         if self.stage is None or self.engine is None:
@@ -330,7 +375,7 @@ class LearnerWorker:
         parameter is gathered (a collective: every rank must iterate) and its tensor is valid only until
         the next one is requested; copy what you keep."""
         module = self._module()
-        if self.cfg.zero_stage == 3 and self.engine is not None:
+        if self._partitioned():
             import deepspeed
 
             for name, param in module.named_parameters():
@@ -373,7 +418,7 @@ class LearnerWorker:
         inputs = self.processor(text=[text], images=decode_images(images) or None, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         self._policy().eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._whole_before_a_stage():
             logits = self._module()(**inputs).logits[:, :-1].float()
         ids = inputs["input_ids"]
         return ids[0].tolist(), algos.logprobs_from_logits(logits, ids[:, 1:])[0].tolist()
@@ -473,6 +518,20 @@ class LearnerWorker:
                     value = (base.state[param][key] if self.cfg.zero_stage == 0
                              else safe_get_full_optimizer_state(param, key))
                     yield name, key, value
+
+
+def _stored_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """Module name -> checkpoint key: transformers renames keys on loading (e.g. InternVL's
+    `language_model.model.*` is `model.language_model.*`) and back on saving; its own renaming rules."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) != len(transforms):
+        raise NotImplementedError(f"{type(model).__name__}'s checkpoints convert tensors, not only names")
+    own = dict.fromkeys(model.state_dict())
+    return {rename_source_key(key, renamings, [], model.base_model_prefix, own)[0]: key for key in keys}
 
 
 def _rollout_gap(chunk: list[TrainSample], logprobs: torch.Tensor) -> list[float]:

@@ -1,6 +1,7 @@
-"""A resumable checkpoint of 2 ZeRO-3 ranks, written in shards of a small size limit: transformers loads its
-weights export, and the step after it is the same when resumed on the same 2 ranks (each reading its own
-partitions' slices) and on 1 rank under ZeRO-2 (full tensors by name)."""
+"""ZeRO-3 ranks build the model partitioned; a resumable checkpoint of 2 ZeRO-3 ranks, written in shards of a
+small size limit: transformers loads its weights export, and the steps after it are the same when resumed
+on the same 2 ranks (each reading its own partitions' slices) and on 1 rank under ZeRO-2 (full tensors by
+name)."""
 from __future__ import annotations
 
 import json
@@ -45,11 +46,15 @@ def _step(worker, world: int, rank: int) -> dict:
 def _save_then_resume(rank: int, world: int, model_path: str, out: str, port: int) -> None:
     """Two steps, save, two more; then the checkpoint resumed on the same world and its two steps (the
 second moves the weights by the restored AdamW moments)."""
-    from learner.types import LearnerConfig
+    from learner.types import LearnerConfig, TrainBatch
     from learner.worker import LearnerWorker
 
     cfg = LearnerConfig(zero_stage=3, micro_batch_size=2, checkpoint_shard_mb=SHARD_MB)
     worker = LearnerWorker(model_path, cfg, rank, world, "127.0.0.1", port)
+    # built partitioned (no rank holds the whole model), yet whole to a forward pass and to named_weights
+    built = {"partitioned": all(p.numel() == 0 for p in worker._module().parameters()),
+             "loss": worker.evaluate_responses(TrainBatch(_samples(worker)))["loss"],
+             "numel": sum(t.numel() for _, t in worker.named_weights())}
     worker.begin_stage(_spec())
     for _ in range(2):
         _step(worker, world, rank)
@@ -61,7 +66,7 @@ second moves the weights by the restored AdamW moments)."""
     resumed = [_step(worker, world, rank) for _ in range(2)]
     if rank == 0:
         Path(f"{out}/zero3.json").write_text(json.dumps({"straight": straight, "resumed": resumed,
-                                                         "stage_step": worker.stage_step}))
+                                                         "stage_step": worker.stage_step, "built": built}))
 
 
 def _resume_on_one_rank(rank: int, model_path: str, out: str, port: int) -> None:
@@ -115,6 +120,15 @@ def test_resumed_on_the_same_ranks_the_next_step_is_the_same(runs):
     _, zero3, _ = runs
     _close(zero3["straight"], zero3["resumed"], 1e-6)
     assert zero3["stage_step"] == 4
+
+
+def test_zero3_ranks_build_the_model_partitioned(runs, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    _, zero3, _ = runs
+    whole = AutoModelForImageTextToText.from_pretrained(tiny_model_dir("internvl"))
+    assert zero3["built"]["partitioned"] and zero3["built"]["loss"] > 0
+    assert zero3["built"]["numel"] == sum(p.numel() for p in whole.parameters())
 
 
 def test_resumed_on_one_zero2_rank_the_next_step_is_the_same(runs):
