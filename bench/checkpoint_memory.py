@@ -14,9 +14,11 @@ Measured on this 2-core machine (2026-12-03, ZeRO-2, 97.4 M params, shard 64 MB)
 rank, rank 0 / rank 1:
 - before (594e59a: every rank copies the full weights and moments to CPU, rank 0 writes one file; every
   rank reads the whole optimizer file): save +888 (793) / +949 (742); resume +749 (371) / +753 (371);
-- after (rank 0 streams 64 MB shards, the others only join the gathers; one moment at a time): save
-  +121 (67) / +38 (38); resume +749 (371) / +753 (371) — the resume's peak is AdamW's own moments (371 MiB
-  a rank, kept) plus the pages of the mapped file read so far.
+- after (rank 0 streams 64 MB shards, the others only join the gathers; one moment at a time, one shard
+  mapped): save +107 (99) / +53 (53); resume +435 (371) / +435 (371), i.e. AdamW's own moments (371 MiB a
+  rank, kept: a run allocates them at its first step anyway) plus ~64 MiB, one shard's mapped pages;
+- after, ZeRO-3 (the old code could not resume ZeRO-3: AdamW's state lives on its fp32 partitions): save
+  +36 / +0; resume +414 (372) / +413 (372).
 
 Prints a table, then one JSON object as the last line.
 """
