@@ -39,5 +39,5 @@ def set_trainable(model: torch.nn.Module, trainable: Iterable[str]) -> dict[str,
         group = group_of(model.config.model_type, name)
         param.requires_grad_(group in trainable)
         if group in trainable:
-            counts[group] += param.numel()
+            counts[group] += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition's whole size
     return counts

@@ -26,6 +26,7 @@ class LearnerConfig:
     dtype: str = "float32"
     weight_bucket_mb: float = 1.0
     weight_transport: str = "object_store"  # a name in rollout/weight_transport.py TRANSPORTS
+    checkpoint_shard_mb: float = 2048.0  # a checkpoint file's size limit: rank 0's host buffer when saving
     seed: int = 0
     critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
     high_entropy: float = DEFAULT_HIGH_ENTROPY

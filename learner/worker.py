@@ -8,13 +8,15 @@ from __future__ import annotations
 import gc
 import math
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
+from contextlib import nullcontext
 from functools import cached_property
 
 import torch
 import torch.distributed as dist
 
 from learner import algos
+from learner.checkpoint_files import OPTIMIZER, WEIGHTS, ShardReader, write_shards
 from learner.critical_tokens import (critical_token_ids,
                                      entropy_metrics, entropy_stats)
 from learner.extensions import build_native_extensions
@@ -25,8 +27,6 @@ from learner.weight_sender import SyncReport, WeightSender
 from rollout.prompts import decode_images
 from rollout.weight_transport import EngineLink, make_transport
 
-# In a folder of its own: vLLM loads every *.safetensors file at the top of a checkpoint as weights.
-OPTIMIZER_FILE = os.path.join("optimizer", "adamw.safetensors")
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 # Parameters an architecture may tie to another (absent from a gathered ZeRO-3 state, restored by tying).
 _TIED_SUFFIXES = ("lm_head.weight",)
@@ -77,10 +77,12 @@ class LearnerWorker:
         self.cfg = cfg
         self.processor = AutoProcessor.from_pretrained(model_path)
         self.critical_ids = sorted(critical_token_ids(self.processor.tokenizer, cfg.critical_words))
-        model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype))
+        model = (self._load_partitioned(model_path) if self._partitioned() else
+                 AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)))
         if self.model_type not in (None, model.config.model_type):
             raise ValueError(f"this learner group trains {self.model_type}, not {model.config.model_type}")
-        self._model, self.model_type = model.to(self.device), model.config.model_type
+        self._model = model if cfg.zero_stage == 3 else model.to(self.device)
+        self.model_type = model.config.model_type
         self.stage: StageSpec | None = None
         self.trainable_params: dict[str, int] = {}
         self._trained_since_sync: set[str] = set()
@@ -103,17 +105,7 @@ class LearnerWorker:
         optimizer = torch.optim.AdamW(params, lr=self._lr(spec, 0), betas=tuple(spec.optim.betas),
                                       weight_decay=spec.optim.weight_decay)
         dtype = _torch_dtype(self.cfg.dtype)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "gradient_clipping": self.cfg.grad_clip,
-            "zero_optimization": {"stage": self.cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16},
-            "steps_per_print": 1 << 30,
-        }
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._ds_config(),
                                                model_parameters=params)
         self.ref_model = None
         if spec.loss.kl_coef > 0:
@@ -125,6 +117,45 @@ class LearnerWorker:
         self.stage, self.stage_step, self.trainable_params = spec, 0, trainable
         self._trained_since_sync.update(g for g, n in trainable.items() if n)  # they may change from now on
         return trainable
+
+    def _load_partitioned(self, model_path: str) -> torch.nn.Module:
+        """The checkpoint built under deepspeed.zero.Init, each rank keeping only its partitions (38B in bf16
+        is 77 GB a rank otherwise): rank 0 reads one tensor at a time into each gathered parameter.
+        (transformers' own ZeRO-3 loading needs accelerate, which vireo does not install.)"""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=self._ds_config()):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_path),
+                                                            dtype=_torch_dtype(self.cfg.dtype))
+        weights = ShardReader(model_path, WEIGHTS)
+        stored = _stored_names(model, weights.names())
+        missing = [name for name, _ in model.named_parameters() if name not in stored]
+        if missing:
+            raise RuntimeError(f"{model_path} lacks the parameters {missing}")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        param.copy_(weights.tensor(stored[name]))
+            for name, buffer in model.named_buffers():  # not partitioned: every rank loads its own
+                if name in stored:
+                    buffer.copy_(weights.tensor(stored[name]))
+        return model
+
+    def _ds_config(self) -> dict:
+        dtype = _torch_dtype(self.cfg.dtype)
+        return {
+            "train_micro_batch_size_per_gpu": self.cfg.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16},
+            "steps_per_print": 1 << 30,
+        }
 
     def _current_model(self) -> torch.nn.Module:
         """The policy as a plain module: at the first stage the loaded checkpoint, later a fresh module
@@ -269,7 +300,7 @@ class LearnerWorker:
         nll, entropy_sums = 0.0, [0.0] * 5
         policy = self._policy()
         policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._whole_before_a_stage():
             for chunk in self._micro_batches(samples):
                 logprobs, entropy, mask, labels = self._forward(policy, chunk or [samples[0].as_padding()],
                                                                 with_entropy=True)
@@ -288,6 +319,19 @@ class LearnerWorker:
 
     def _module(self) -> torch.nn.Module:
         return self.engine.module if self.engine is not None else self._model
+
+    def _partitioned(self) -> bool:
+        """ZeRO-3 parameters: gathered on use (by the engine's hooks once a stage has begun)."""
+        return self.cfg.zero_stage == 3
+
+    def _whole_before_a_stage(self):
+        """A forward pass of the loaded, ZeRO-3-partitioned model before any stage (no engine hooks yet)
+        gathers it whole for its length; otherwise nothing."""
+        import deepspeed
+
+        if self._partitioned() and self.engine is None:
+            return deepspeed.zero.GatheredParameters(list(self._model.parameters()))
+        return nullcontext()
 
     def _require_stage(self) -> StageSpec:
         if self.stage is None or self.engine is None:
@@ -329,7 +373,7 @@ class LearnerWorker:
         parameter is gathered (a collective: every rank must iterate) and its tensor is valid only until
         the next one is requested; copy what you keep."""
         module = self._module()
-        if self.cfg.zero_stage == 3 and self.engine is not None:
+        if self._partitioned():
             import deepspeed
 
             for name, param in module.named_parameters():
@@ -372,65 +416,80 @@ class LearnerWorker:
         inputs = self.processor(text=[text], images=decode_images(images) or None, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         self._policy().eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._whole_before_a_stage():
             logits = self._module()(**inputs).logits[:, :-1].float()
         ids = inputs["input_ids"]
         return ids[0].tolist(), algos.logprobs_from_logits(logits, ids[:, 1:])[0].tolist()
 
     def save_hf(self, out_dir: str) -> None:
         """Write an HF checkpoint (loadable by transformers and vLLM); collective for ZeRO-3."""
-        state = {name: tensor.to("cpu", copy=True) for name, tensor in self.named_weights()}
+        self._save_shards(out_dir, WEIGHTS, self.named_weights())
         if self.rank == 0:
-            self._module().save_pretrained(out_dir, state_dict=state)
+            module = self._module()
+            module.config.save_pretrained(out_dir)
+            if getattr(module, "generation_config", None) is not None:
+                module.generation_config.save_pretrained(out_dir)
             self.processor.save_pretrained(out_dir)
         dist.barrier()
+
+    def _save_shards(self, out_dir: str, base: str, tensors: Iterator[tuple[str, torch.Tensor]],
+                     metadata: dict[str, str] | None = None) -> None:
+        """Rank 0 streams the tensors into shards of learner.optim.checkpoint_shard_mb, so its host memory
+        holds one shard and one gathered tensor; the other ranks only join the gathers, in the same order."""
+        if self.rank == 0:
+            write_shards(out_dir, base, tensors, int(self.cfg.checkpoint_shard_mb * 2**20), metadata)
+        else:
+            for _ in tensors:
+                pass
 
     # ---- resumable state ------------------------------------------------------------------------
     def save_training_state(self, out_dir: str) -> None:
         """The learner's part of a resumable checkpoint: the HF export (the weights, which vLLM and
         `vireo eval` load too) and AdamW's moments as full tensors per parameter name with the step count
-        (OPTIMIZER_FILE). Gathered, so a run resumes on any number of ranks and any ZeRO stage — the idea
-        of DeepSpeed's universal checkpoint, written directly. Collective: every rank calls it."""
+        (learner.checkpoint_files OPTIMIZER). Gathered, so a run resumes on any number of ranks and any ZeRO
+        stage — the idea of DeepSpeed's universal checkpoint, written directly. Collective: every rank
+        calls it; learner.checkpoint_files.missing_checkpoint_files tells whether it completed."""
         self.save_hf(out_dir)
-        moments = {f"{key}/{name}": value.to("cpu", copy=True) for name, key, value in self._moments()}
-        if self.rank == 0:
-            from safetensors.torch import save_file
-
-            os.makedirs(os.path.join(out_dir, os.path.dirname(OPTIMIZER_FILE)), exist_ok=True)
-            save_file(moments, os.path.join(out_dir, OPTIMIZER_FILE),
-                      metadata={"optimizer_steps": str(self._optimizer_steps()), "stage_step": str(self.stage_step)})
+        moments = ((f"{key}/{name}", value) for name, key, value in self._moments())
+        self._save_shards(out_dir, OPTIMIZER, moments, {"optimizer_steps": str(self._optimizer_steps()),
+                                                        "stage_step": str(self.stage_step)})
         dist.barrier()
 
     def load_training_state(self, in_dir: str) -> None:
         """Continue the begun stage from save_training_state's checkpoint (the weights came with the model
-        path): AdamW's moments and step count, and the stage's step, which places the lr schedule."""
-        from safetensors import safe_open
-
-        with safe_open(os.path.join(in_dir, OPTIMIZER_FILE), "pt") as f:
-            meta = f.metadata()
-            moments = {key: f.get_tensor(key) for key in f.keys()}
+        path): AdamW's moments and step count, and the stage's step, which places the lr schedule. Each
+        rank reads one moment at a time, under ZeRO-3 only its own partition's slice of it."""
+        moments = ShardReader(in_dir, OPTIMIZER)
         self._require_stage()
-        self.stage_step = int(meta["stage_step"])
-        steps = int(meta["optimizer_steps"])
+        self.stage_step = int(moments.metadata["stage_step"])
+        steps = int(moments.metadata["optimizer_steps"])
         if not steps:  # saved before the stage's first update: AdamW has no state yet
             return
         base = self._base_optimizer()
-        for group in base.param_groups:  # AdamW initialises its state lazily; give it the saved step count
-            for flat in group["params"]:
-                state = base.state[flat]
-                if not state:
-                    state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-                state["step"] = torch.tensor(float(steps))
+        # AdamW initialises its state lazily; give it the saved step count. ZeRO-3 hands AdamW its flat fp32
+        # partitions only during a step, so they are found on the ZeRO optimizer.
+        flats = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None) or [
+            flat for group in base.param_groups for flat in group["params"]]
+        for flat in flats:
+            state = base.state[flat]
+            if not state:
+                state.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+            state["step"] = torch.tensor(float(steps))
         if hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (deepspeed 0.19)
             self.engine.optimizer._hp_optimizer_states_linked = False
             self.engine.optimizer._lazy_init_hp_params_optimizer_state()
-        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state, safe_set_local_optimizer_state
 
         for name, param in self._module().named_parameters():
             if not param.requires_grad:
                 continue
             for key in ADAM_MOMENTS:
-                value = moments[f"{key}/{name}"].to(self.device)
+                if self.cfg.zero_stage == 3:  # this rank's partition: a flat range, padded at the end
+                    size = param.ds_tensor.numel()
+                    local = moments.flat_slice(f"{key}/{name}", self.rank * size, size)
+                    safe_set_local_optimizer_state(param, local.to(self.device), key)
+                    continue
+                value = moments.tensor(f"{key}/{name}").to(self.device)
                 if self.cfg.zero_stage == 0:
                     base.state[param][key].copy_(value)
                 else:
@@ -457,6 +516,20 @@ class LearnerWorker:
                     value = (base.state[param][key] if self.cfg.zero_stage == 0
                              else safe_get_full_optimizer_state(param, key))
                     yield name, key, value
+
+
+def _stored_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]:
+    """Module name -> checkpoint key: transformers renames keys on loading (e.g. InternVL's
+    `language_model.model.*` is `model.language_model.*`) and back on saving; its own renaming rules."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) != len(transforms):
+        raise NotImplementedError(f"{type(model).__name__}'s checkpoints convert tensors, not only names")
+    own = dict.fromkeys(model.state_dict())
+    return {rename_source_key(key, renamings, [], model.base_model_prefix, own)[0]: key for key in keys}
 
 
 def _rollout_gap(chunk: list[TrainSample], logprobs: torch.Tensor) -> list[float]:

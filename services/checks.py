@@ -74,6 +74,7 @@ def validate(cfg: RunConfig) -> None:
         (engine.cpu_threads >= 1, "rollout.engine.cpu_threads must be >= 1"),
         (engine.max_images_per_prompt >= 1, "rollout.engine.max_images_per_prompt must be >= 1"),
         (optim.weight_bucket_mb > 0, "learner.optim.weight_bucket_mb must be > 0"),
+        (optim.checkpoint_shard_mb > 0, "learner.optim.checkpoint_shard_mb must be > 0"),
         (optim.high_entropy >= 0, "learner.optim.high_entropy must be >= 0"),
         (reward.accuracy_weight >= 0 and reward.format_weight >= 0
          and reward.accuracy_weight + reward.format_weight > 0,

@@ -27,6 +27,9 @@ ACTIVATION_BYTES = 8e9      # learner activations at micro batch 2 (with gradien
 ENGINE_WORKSPACE = 4e9      # vLLM's activations, CUDA graphs and the vision encoder's peak
 MIN_CONCURRENT_SEQUENCES = 8
 PROMPT_TOKENS = 4096        # the prompt's share of the context (text + image tokens)
+FP32 = 4
+VOCAB, HIDDEN = 151674, 5120  # Qwen2.5-32B's embedding (and lm_head): the largest tensor a checkpoint gathers
+RANK_HOST_BYTES = 8e9       # a learner rank's host memory outside checkpoints (CUDA context, libraries, batch)
 
 
 def strict(schema):
@@ -106,12 +109,25 @@ def test_r1v3_38b_adds_up_on_the_manifests_cluster(manifest):
     assert (learner.optim.zero_stage, learner.optim.dtype) == (3, "bfloat16")
     assert ZERO3_BYTES_PER_PARAM * PARAMS / learner.num_ranks + ACTIVATION_BYTES <= 0.9 * GPU_BYTES
 
-    # CPUs and host memory per node (each learner rank reads the full bf16 checkpoint before sharding).
+    # CPUs and host memory per node.
     ranks_per_node = _gpus(groups["learner"]) // learner.num_gpus_per_rank
     engines_per_node = _gpus(groups["rollout"]) // engine.tensor_parallel_size
     assert float(_resources(groups["learner"])["cpu"]) >= ranks_per_node * learner.num_cpus_per_rank
     assert float(_resources(groups["rollout"])["cpu"]) >= engines_per_node * rollout.num_cpus_per_actor
-    assert _memory(_resources(groups["learner"])["memory"]) >= ranks_per_node * PARAMS * BF16
+    node_memory = _memory(_resources(groups["learner"])["memory"])
+    # Loading: under ZeRO-3 the model is built partitioned (on the GPUs), rank 0 reading one bf16 tensor at a
+    # time; a whole copy per rank, as before, would take most of the node.
+    assert VOCAB * HIDDEN * BF16 + ranks_per_node * RANK_HOST_BYTES <= node_memory
+
+    # Host memory per learner node while a checkpoint is saved and resumed (learner/checkpoint_files.py):
+    # rank 0 holds one shard and one gathered tensor (an fp32 moment at most), the others only join the
+    # gathers; a resuming rank reads one moment at a time (under ZeRO-3 only its partition's slice).
+    largest = VOCAB * HIDDEN * FP32
+    shard = learner.optim.checkpoint_shard_mb * 2**20
+    assert shard + largest + ranks_per_node * RANK_HOST_BYTES <= node_memory
+    assert ranks_per_node * (largest + RANK_HOST_BYTES) <= node_memory
+    # what it replaces: every rank copying the full bf16 weights and fp32 moments did not fit
+    assert ranks_per_node * PARAMS * (BF16 + 2 * FP32) > node_memory
     assert _memory(_resources(groups["rollout"])["memory"]) >= engines_per_node * PARAMS * BF16
 
 
