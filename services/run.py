@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from actors.supervision import ActorFailure, RestartBudget
+from learner.checkpoint_files import missing_checkpoint_files
 from learner.types import TrainSample
 from reward.types import RewardResult
 from rollout.prompts import decode_images, render_prompt
@@ -408,6 +409,10 @@ class Run:
         run's state; retention runs after it is in place."""
         tmp = self.store.begin(name)
         self.fleet.save_training_state(str(tmp))
+        missing = missing_checkpoint_files(str(tmp))
+        if missing:  # rank 0 wrote them elsewhere, or a write was lost: the last good checkpoint stands
+            raise RunStopped(f"checkpoint {name} is incomplete, not committed: {', '.join(missing)} missing in {tmp}. "
+                             f"{self._resume_hint()}", 1)
         state = {**stage.state(), "stage_name": self.cfg.stages[stage.index].name, "stage_done": done,
                  "report": report, "skipped": dict(self.skipped), "weights_version": self.fleet.version,
                  "dirty": self.fleet.dirty, "restarts_used": self.budget.used, "config_sha256": self.config_sha256,

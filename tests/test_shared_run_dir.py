@@ -76,3 +76,40 @@ def test_a_run_dir_the_learner_node_cannot_see_is_refused_naming_it(ray_session,
     (line,) = [x for x in driver.stdout.splitlines() if x.startswith(("shared", "not shared"))]
     assert line.startswith("not shared") and str(private / SHARED_MARKER) in line
     assert not (private / SHARED_MARKER).exists()  # it went to the driver's private mount only
+
+
+ONE_STEP = """
+stages:
+  - {name: grpo, kind: grpo, batch_size: 2, sampling: {n: 2, max_tokens: 8}, end: {max_steps: 1}}
+"""
+
+
+def test_a_checkpoint_missing_a_file_the_learner_wrote_is_not_committed(fleet, tmp_path, tiny_model_dir,
+                                                                        tiny_data_dir):
+    from fleets import FLEET_LAYOUT, run_on, wrapped
+
+    from learner.checkpoint_files import missing_checkpoint_files
+    from services.checks import load_config
+    from services.run import RunStopped
+
+    path = tmp_path / "one-step.yaml"
+    path.write_text(ONE_STEP)
+    data = tiny_data_dir
+    cfg = load_config(str(path), [f"model.path={tiny_model_dir('internvl')}", f"data.train={data}/train.parquet",
+                                  f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8",
+                                  "reward.workers=1", *FLEET_LAYOUT])
+    run_dir = tmp_path / "run"
+
+    def loses_the_weights_index(save):
+        def save_then_lose(out_dir):
+            save(out_dir)
+            (tmp_path / "run" / "checkpoints" / ".tmp-grpo" / "model.safetensors.index.json").unlink()
+            assert missing_checkpoint_files(out_dir)
+
+        return save_then_lose
+
+    with wrapped(fleet, "save_training_state", loses_the_weights_index), pytest.raises(RunStopped) as stopped:
+        run_on(fleet, cfg, run_dir)
+    assert stopped.value.code == 1
+    assert "incomplete, not committed" in str(stopped.value) and "model.safetensors.index.json" in str(stopped.value)
+    assert not (run_dir / "checkpoints" / "latest").exists() and not (run_dir / "checkpoints" / "grpo").exists()
