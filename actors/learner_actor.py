@@ -80,6 +80,16 @@ def free_port() -> int:
 PLACEMENT_TIMEOUT_S = 600
 
 
+class RendezvousPortTaken(RuntimeError):
+    """Rank 0 could not listen on the rendezvous port: the configured one (learner.master_port) is in use,
+    or another process took the one picked free moments before (the group is then started on another)."""
+
+    def __init__(self, rendezvous: str, configured: bool):
+        super().__init__(f"the torch.distributed rendezvous port {rendezvous} is in use"
+                         + (" (learner.master_port)" if configured else ": another process took it after it was picked"))
+        self.configured = configured
+
+
 @ray.remote(num_cpus=0)
 def _rendezvous_address(port: int) -> tuple[str, int]:
     """Run in rank 0's bundle: that node's address and a port free there (the driver may be elsewhere)."""
@@ -116,7 +126,7 @@ class LearnerGroup:
             for rank in range(num_ranks)
         ]
         self.names = [f"learner rank {rank}" for rank in range(num_ranks)]
-        self.rendezvous = f"{master_addr}:{port}"
+        self.rendezvous, self.port_configured = f"{master_addr}:{port}", bool(master_port)
 
     def _each(self, method: str, per_rank: list) -> list:
         if len(per_rank) != len(self.actors):
@@ -129,9 +139,14 @@ class LearnerGroup:
 
     def ready(self) -> None:
         """Every rank up: model loaded, native extensions built (learner/extensions.py), the world joined."""
-        get_all([a.ready.remote() for a in self.actors], self.startup_timeout_s, self.names,
-                f"loading the model, building DeepSpeed's native extensions, joining the torch.distributed "
-                f"rendezvous at {self.rendezvous}")
+        try:
+            get_all([a.ready.remote() for a in self.actors], self.startup_timeout_s, self.names,
+                    f"loading the model, building DeepSpeed's native extensions, joining the torch.distributed "
+                    f"rendezvous at {self.rendezvous}")
+        except ray.exceptions.RayActorError as exc:
+            if "EADDRINUSE" in str(exc):
+                raise RendezvousPortTaken(self.rendezvous, self.port_configured) from None
+            raise
 
     def load_weights(self, model_path: str, version: int, cfg: LearnerConfig) -> None:
         """A new run on this group: its model and settings on every rank."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from actors.learner_actor import LearnerGroup
+from actors.learner_actor import LearnerGroup, RendezvousPortTaken
 from actors.local_ray import start_local_ray
 from actors.reward_actor import RewardActor
 from actors.rollout_actor import RolloutActor
@@ -34,6 +34,7 @@ from services.config import RunConfig, flat
 from services.run_dir import SHARED_MARKER, write_atomic
 
 REWARD_CPUS = 0.1
+RENDEZVOUS_ATTEMPTS = 3
 REWARD_DEADLINE_MARGIN = 1.25  # over the sandbox's worst case: process start-up, format scoring, transfer
 # What a fleet's actors are built from; a run that differs in one of these needs a fleet of its own.
 LAYOUT_KEYS = ("ray_address", "worker_logs_to_console", "rollout.", "learner.num_cpus_per_rank",
@@ -136,8 +137,6 @@ class Fleet:
                                  cfg.faults.startup_timeout_s)
         self.learners = self._new_learner_group(version) if learners else None
         self.pool.catch_up = self._catch_up
-        if self.learners:
-            self.learners.ready()
         self.pool.ready()
 
     # ---- start-up ------------------------------------------------------------------------------
@@ -174,13 +173,27 @@ class Fleet:
         return RewardActor.options(num_cpus=REWARD_CPUS).remote(self.cfg.reward)
 
     def _new_learner_group(self, version: int) -> LearnerGroup:
+        """The learner ranks, up (the rollout pool starts meanwhile). A rendezvous port picked free and
+        taken by another process before rank 0 listened on it gets the group started on another."""
         cfg = self.cfg.learner
         missing = unbuilt()
         if missing:
             self.log(f"[start-up] the learner ranks first build DeepSpeed's {', '.join(missing)} extension in "
                      f"{extensions_dir()} (about a minute on 2 cores; `make install` builds it ahead)")
-        return LearnerGroup(self.model_path, cfg.optim, cfg.num_ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank,
-                            cfg.master_port, self.cfg.faults.learner_timeout_s, version, self.cfg.faults.startup_timeout_s)
+        attempt = 1
+        while True:
+            group = LearnerGroup(self.model_path, cfg.optim, cfg.num_ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank,
+                                 cfg.master_port, self.cfg.faults.learner_timeout_s, version,
+                                 self.cfg.faults.startup_timeout_s)
+            try:
+                group.ready()
+                return group
+            except RendezvousPortTaken as taken:
+                group.kill()
+                if taken.configured or attempt == RENDEZVOUS_ATTEMPTS:
+                    raise
+                attempt += 1
+                self.log(f"[start-up] {taken}; starting the learner group on another port")
 
     def _catch_up(self, actors: list) -> None:
         """A replacement or spare that has come up: the run's id, and the learner's weights whole (it
@@ -221,7 +234,6 @@ class Fleet:
                      f"{len(self.learners.actors)}")
             self.learners.kill()
             self.learners, self.learners_lost = self._new_learner_group(version), False
-            self.learners.ready()
         else:
             self.learners.timeout_s = cfg.faults.learner_timeout_s
             self._learner_call(self.learners.load_weights, model_path, version, cfg.learner.optim)

@@ -19,6 +19,7 @@ import ray
 import torch
 import yaml
 
+from actors.learner_actor import RendezvousPortTaken
 from actors.supervision import ActorFailure, RestartBudget
 from learner.checkpoint_files import missing_checkpoint_files
 from learner.types import TrainSample
@@ -314,8 +315,8 @@ class Run:
             self._write_report(report)
         except ActorFailure as failure:
             raise RunStopped(f"{failure}; the run cannot go on without it. {self._resume_hint()}", 1) from None
-        except RunDirNotShared as not_shared:
-            raise RunStopped(str(not_shared), 2) from None
+        except (RunDirNotShared, RendezvousPortTaken) as refused:  # where the run was asked to live
+            raise RunStopped(str(refused), 2) from None
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:
                 raise

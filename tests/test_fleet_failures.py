@@ -1,7 +1,8 @@
 """The fleet's own failure paths, on the suite's warm fleet (real Ray, vLLM and DeepSpeed): a reward batch
 larger than its deadline allows is split and scored; a rollout actor that hangs while receiving a weight
 sync is replaced within the sync's deadline; a replacement that dies while it is being pushed the
-weights is one more restart, not the run's end."""
+weights is one more restart, not the run's end; a run whose real `mlflow server` is killed mid-run goes on,
+counting the failures in tracking/errors."""
 from __future__ import annotations
 
 import contextlib
@@ -109,3 +110,53 @@ def test_a_replacement_lost_while_receiving_the_weights_is_one_more_restart(flee
     finally:
         pool.spares += parked
         pool.warm += parked
+
+
+ONE_STAGE = """
+stages:
+  - {name: grpo, kind: grpo, batch_size: 2, sampling: {n: 2, max_tokens: 8}, end: {max_steps: 3}}
+"""
+
+
+def test_a_run_whose_mlflow_server_is_killed_mid_run_goes_on_counting_the_errors(fleet, tmp_path, monkeypatch,
+                                                                                  tiny_model_dir, tiny_data_dir):
+    from fleets import FLEET_LAYOUT, run_on, wrapped
+    from test_tracking import _mlflow_server
+
+    from actors.learner_actor import free_port
+    from services.checks import load_config
+    from services.run_dir import read_jsonl
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fast: the bounded defaults take seconds
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()
+    server = _mlflow_server(tmp_path, port)
+    path = tmp_path / "grpo.yaml"
+    path.write_text(ONE_STAGE)
+    cfg = load_config(str(path), [f"model.path={tiny_model_dir('internvl')}", f"data.train={tiny_data_dir}/train.parquet",
+                                  f"data.heldout={tiny_data_dir}/heldout.parquet", "evaluation.max_tokens=8",
+                                  "reward.workers=1", "tracking.backends=[jsonl,mlflow]",
+                                  f"tracking.mlflow.tracking_uri=http://127.0.0.1:{port}", *FLEET_LAYOUT])
+    trained = []
+
+    def kills_the_server_after_the_first_step(train):
+        def train_then_kill(samples):
+            trained.append(True)
+            if len(trained) == 2:  # step 1's row reached MLflow; step 2 finds it gone
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=60)
+            return train(samples)
+
+        return train_then_kill
+
+    try:
+        with wrapped(fleet, "train", kills_the_server_after_the_first_step):
+            report = run_on(fleet, cfg, tmp_path / "run")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert server.poll() is not None and len(trained) == 3  # every step ran, the last two without MLflow
+    assert report["stages"][-1]["name"] == "grpo"
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert steps[0]["tracking/errors"] == 0 and steps[-1]["tracking/errors"] >= 1

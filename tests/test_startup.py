@@ -1,6 +1,7 @@
 """A start-up cannot hang: a first run interrupted while DeepSpeed builds its native extension leaves
 torch's owner-less lock file behind, and the next start clears it and comes up (learner/extensions.py);
-a build another live process holds is waited for only up to a deadline that names the lock file."""
+a build another live process holds is waited for only up to a deadline that names the lock file; a
+rendezvous port in use is named at once (learner/extensions.py, actors/learner_actor.py)."""
 from __future__ import annotations
 
 import fcntl
@@ -14,7 +15,7 @@ import pytest
 
 from learner.extensions import BUILD_LOCK, TORCH_LOCK, ExtensionLockTimeout, build_native_extensions, native_ops
 
-pytestmark = pytest.mark.skipif(not native_ops(), reason="no native op to build here (GPU ranks use NCCL)")
+NO_NATIVE_OPS = pytest.mark.skipif(not native_ops(), reason="no native op to build here (GPU ranks use NCCL)")
 
 NEXT_START = """
 import sys
@@ -26,6 +27,7 @@ print("learner rank up")
 """
 
 
+@NO_NATIVE_OPS
 def test_a_build_interrupted_in_a_first_start_does_not_hang_the_next(tmp_path, tiny_model_dir):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     (name,) = [b.name for b in native_ops()]
@@ -47,9 +49,29 @@ def test_a_build_interrupted_in_a_first_start_does_not_hang_the_next(tmp_path, t
     assert not torch_lock.exists()
 
 
+@NO_NATIVE_OPS
 def test_a_build_held_by_a_live_process_is_waited_for_up_to_a_deadline(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with open(tmp_path / BUILD_LOCK, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a live builder
         with pytest.raises(ExtensionLockTimeout, match=str(tmp_path / BUILD_LOCK)):
             build_native_extensions(timeout_s=0.5)
+
+
+def test_a_rendezvous_port_in_use_is_named_not_hung_on(ray_session, tiny_model_dir):
+    import socket
+
+    from actors.learner_actor import LearnerGroup, RendezvousPortTaken
+    from learner.types import LearnerConfig
+
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        group = LearnerGroup(tiny_model_dir("internvl"), LearnerConfig(), 1, 0.5, 0, master_port=port)
+        try:
+            with pytest.raises(RendezvousPortTaken, match=f":{port} is in use \\(learner.master_port\\)") as raised:
+                group.ready()
+        finally:
+            group.kill()
+    assert raised.value.configured  # a port the user chose is refused; one vireo picked is picked again
