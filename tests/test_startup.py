@@ -1,7 +1,7 @@
-"""A start-up cannot hang: a first run interrupted while DeepSpeed builds its native extension leaves
-torch's owner-less lock file behind, and the next start clears it and comes up (learner/extensions.py);
-a build another live process holds is waited for only up to a deadline that names the lock file; a
-rendezvous port in use is named at once (learner/extensions.py, actors/learner_actor.py)."""
+"""A start-up cannot hang: a first `vireo train` killed while its learner rank builds DeepSpeed's native
+extension leaves torch's owner-less lock file behind, and the next start clears it and comes up; a build
+another live process holds is waited for only up to a deadline that names the lock file; a rendezvous port
+in use is named at once (learner/extensions.py, actors/learner_actor.py)."""
 from __future__ import annotations
 
 import fcntl
@@ -27,19 +27,46 @@ print("learner rank up")
 """
 
 
+ONE_STEP = """
+stages:
+  - {name: grpo, kind: grpo, batch_size: 2, sampling: {n: 2, max_tokens: 8}, end: {max_steps: 1}}
+"""
+
+
+def _builders_gone(folder) -> bool:
+    """No live process holds the build flock (every builder of this folder is dead or done)."""
+    with open(folder / BUILD_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+
 @NO_NATIVE_OPS
-def test_a_build_interrupted_in_a_first_start_does_not_hang_the_next(tmp_path, tiny_model_dir):
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+def test_a_run_killed_in_its_first_start_up_does_not_hang_the_next(tmp_path, tiny_model_dir, tiny_data_dir):
+    folder = tmp_path / "ext"  # a fresh environment's extension folder: the first run's ranks build
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(folder)}
     (name,) = [b.name for b in native_ops()]
-    torch_lock = tmp_path / "ext" / name / TORCH_LOCK
-    first = subprocess.Popen([sys.executable, "-m", "learner.extensions"], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not torch_lock.exists():  # the build has begun (torch takes its lock for the whole build)
-        assert first.poll() is None, "the build ended before it could be interrupted"
+    torch_lock = folder / name / TORCH_LOCK
+    config, log = tmp_path / "one-step.yaml", tmp_path / "first-run.log"
+    config.write_text(ONE_STEP)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "train", str(config), f"run_dir={tmp_path / 'run'}",
+         f"model.path={tiny_model_dir('internvl')}", f"data.train={tiny_data_dir}/train.parquet",
+         f"data.heldout={tiny_data_dir}/heldout.parquet", "rollout.num_actors=1", "learner.num_ranks=1",
+         "reward.workers=1"], env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    while not torch_lock.exists():  # the learner rank is building (torch holds its lock for the whole build)
+        assert first.poll() is None, f"the run ended before its build began: {log.read_text()[-3000:]}"
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)  # Ctrl-C / `timeout` / a lost pod during the first run
+    os.killpg(first.pid, signal.SIGKILL)  # the driver lost mid start-up; its reaper kills the run's actors
     first.wait()
-    assert torch_lock.exists()  # what used to hang every later start
+    deadline = time.monotonic() + 300
+    while not _builders_gone(folder):  # the learner rank is gone too
+        assert time.monotonic() < deadline, "the killed run's learner rank is still alive"
+        time.sleep(0.2)
+    assert torch_lock.exists()  # what used to hang every later start, silently
+    assert f"the learner ranks first build DeepSpeed's {name} extension" in log.read_text()  # it said so
 
     second = subprocess.run([sys.executable, "-c", NEXT_START, tiny_model_dir("internvl")], env=env, text=True,
                             capture_output=True, timeout=1200)
