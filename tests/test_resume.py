@@ -28,7 +28,7 @@ SHORT_DEMO = ["data.n_train=96", "data.n_heldout=16", "evaluation.max_tokens=16"
               "stages.connector.end.early_stop.metric=''"]
 STEPS = list(range(1, 47))  # cold start 40, GRPO 4, connector 2
 KILL_AFTER_STEP = 43  # the GRPO checkpoint is at step 42 (its second step): step 43 is logged, then lost
-TIMING = ("timing_s/", "perf/")
+TIMING = ("timing_s/", "perf/", "actors/spares_warm", "actors/rollout_alive")  # the machine's, not the run's
 
 
 def kills_learner_rank(fleet, run_dir):
