@@ -141,25 +141,26 @@ def test_a_run_whose_mlflow_server_is_killed_mid_run_goes_on_counting_the_errors
                                   f"data.heldout={tiny_data_dir}/heldout.parquet", "evaluation.max_tokens=8",
                                   "reward.workers=1", "tracking.backends=[jsonl,mlflow]",
                                   f"tracking.mlflow.tracking_uri=http://127.0.0.1:{port}", *FLEET_LAYOUT])
-    trained = []
+    rollouts = []
 
-    def kills_the_server_after_the_first_step(train):
-        def train_then_kill(samples):
-            trained.append(True)
-            if len(trained) == 2:  # step 1's row reached MLflow; step 2 finds it gone
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=60)
-            return train(samples)
+    def kills_the_server_in_the_second_step(generate):
+        def generate_then_kill(requests, sampling):
+            if sampling.n > 1:  # a GRPO step's rollout, not an evaluation
+                rollouts.append(True)
+                if len(rollouts) == 2:  # step 1's row reached MLflow; step 2's finds it gone
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait(timeout=60)
+            return generate(requests, sampling)
 
-        return train_then_kill
+        return generate_then_kill
 
     try:
-        with wrapped(fleet, "train", kills_the_server_after_the_first_step):
+        with wrapped(fleet, "generate", kills_the_server_in_the_second_step):
             report = run_on(fleet, cfg, tmp_path / "run")
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
-    assert server.poll() is not None and len(trained) == 3  # every step ran, the last two without MLflow
+    assert server.poll() is not None and len(rollouts) == 3  # every step ran, the last two without MLflow
     assert report["stages"][-1]["name"] == "grpo"
     steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
