@@ -103,12 +103,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
               "scrape_configs": [
                   {"job_name": "vireo", "static_configs": [{"targets": [f"127.0.0.1:{vireo_port}"]}]},
                   {"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{node['MetricsExportPort']}"]}]}]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    base = f"http://127.0.0.1:{prom_port}"
-    with (tmp_path / "prometheus.log").open("w") as log:
-        server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    server, base = _start_prometheus(prometheus_tools["prometheus"], tmp_path, config, prom_port)
     try:
         _wait(lambda: _ready(base), 120, "Prometheus to start")
         cfg = load_config(None, [
@@ -191,12 +186,7 @@ def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path)
     prom_port = free_port()
     config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "vireo", "static_configs": [
         {"targets": [f"127.0.0.1:{b.server.server_port}" for b in backends.values()]}]}]}
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    base = f"http://127.0.0.1:{prom_port}"
-    with (tmp_path / "prometheus.log").open("w") as log:
-        server = subprocess.Popen([prometheus_tools["prometheus"], f"--config.file={tmp_path / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=log, stderr=log)
+    server, base = _start_prometheus(prometheus_tools["prometheus"], tmp_path, config, prom_port)
     try:
         _wait(lambda: _ready(base), 120, "Prometheus to start")
 
@@ -218,6 +208,16 @@ def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path)
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def _start_prometheus(binary: str, tmp_path: Path, config: dict, port: int) -> tuple[subprocess.Popen, str]:
+    """A real Prometheus on `config` (its data and log under tmp_path); returns it and its API's base URL."""
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (tmp_path / "prometheus.log").open("w") as log:
+        server = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                   f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def _ready(base: str) -> bool:
