@@ -1,109 +1,153 @@
-"""The paper's ablations at small scale (issue 10), each from one shared proof run's checkpoints.
+"""The paper's ablations at small scale (issue 18), on the learning proof's protocol (bench/learning.py):
+the same seeds, models, data, cold start and evaluation; each arm is a one-stage run (two for the
+curriculum) from the seed's cold-start checkpoint, or from the rl arm's last one, and differs from its
+reference in the one setting the finding is about. Differences are paired per held-out item at the final
+step, with 95 % intervals from the bootstrap over seeds and items.
 
-Every arm is `vireo train configs/ablations/<name>.yaml [override]` started from a checkpoint of one proof
-run (bench/learning.py or `vireo train configs/proof.yaml`) on that run's data files, so no arm pays for a
-cold start and all arms start from the same weights. The arms run one after the other in this process and
-one local Ray cluster (each with its own actors), so Ray starts once:
+| finding | reference | variant | starts from | paper |
+|---|---|---|---|---|
+| connector_in_rl | rl (all modules train) | connector frozen | cold start | R1V3 §5.2 |
+| curriculum | rl (mixed data) | easy (difficulty 1-2) then hard (3), same steps | cold start | R1V3 §5.3 |
+| clip_higher | clip 0.2/0.2, 4 updates per batch | clip_high 0.28 | cold start | R1V3 §5.5 |
+| last_stage | connector+LLM SFT | connector-only SFT (cosine, 3 % warm-up) | rl's last | R1V3 §3.4, Table 2 |
+| rl_vs_sft | sft (the cold start continued) | rl | cold start | R1V3 §6.1 |
 
-| ablation | arms | starts from | paper |
-|---|---|---|---|
-| connector in RL | rl_reference (all train) / rl_connector_frozen | cold start | P3 §5.2 |
-| curriculum | rl_reference (mixed) / rl_curriculum (easy -> hard) | cold start | P3 §5.3 |
-| clip-higher | rl_clip_higher (0.28) / same with clip_high=0.2 | cold start | P3 §5.5 |
-| last stage | last_connector_only / same with connector+LLM | GRPO end | P3 §3.4, Table 2 |
+    nice -n 5 python -m bench.ablations [--seeds 0,1,2] [--only connector_in_rl,clip_higher] [k=v ...]
 
-    nice -n 5 python -m bench.ablations --from runs/learning/<time>/proof-<time> [--only reference,frozen]
-
-Prints one row per arm (held-out accuracy at the start and at each evaluation, per subject, the mean reward
-of the last 5 steps, the largest gradient norm), then one JSON line with every arm's figures.
+Prints each arm's held-out curve per seed, a table of the findings, then one JSON object as its last line:
+per finding the variant-minus-reference points (mean, 95 % CI, by seed), seeds, heldout_n, minutes.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.learning import start_ray, vireo_train
-from services.run_dir import METRICS_FILE, REPORT_FILE, read_jsonl
+from bench.learning import (Bench, Curve, arm_config, ci_text, cold_start, compare, curve_of, curve_table,
+                            final_evals, seed_overrides)
+from services.checks import load_config
+from services.config import to_yaml
+from services.run_dir import CHECKPOINTS_DIR
 
-ABLATIONS = "configs/ablations"
-# name -> (config, overrides, checkpoint of the proof run it starts from)
-ARMS: dict[str, tuple[str, list[str], str]] = {
-    "reference": ("rl_reference", [], "coldstart"),
-    "connector_frozen": ("rl_connector_frozen", [], "coldstart"),
-    "curriculum": ("rl_curriculum", [], "coldstart"),
-    "clip_higher": ("rl_clip_higher", [], "coldstart"),
-    "clip_symmetric": ("rl_clip_higher", ["stages.grpo.algo.clip_high=0.2"], "coldstart"),
-    "last_connector": ("last_connector_only", [], "grpo"),
-    "last_connector_llm": ("last_connector_only", ["stages.connector.trainable=[connector,llm]"], "grpo"),
+
+@dataclass(frozen=True)
+class Arm:
+    """base: the bench.learning arm it is built from; overrides: key=value on that one-stage config (its
+    stage addressed as stages.0); start: the cold start, or the rl arm's last checkpoint."""
+
+    base: str
+    overrides: tuple[str, ...] = ()
+    start: str = "coldstart"
+    curriculum: bool = False
+
+
+CLIP = ("stages.0.algo.updates_per_batch=4", "stages.0.algo.clip_low=0.2")
+ARMS: dict[str, Arm] = {
+    "rl": Arm("rl"),
+    "sft": Arm("sft"),
+    "connector_frozen": Arm("rl", ("stages.0.trainable=[vision,llm]",)),
+    "curriculum": Arm("rl", curriculum=True),
+    "clip_symmetric": Arm("rl", (*CLIP, "stages.0.algo.clip_high=0.2")),
+    "clip_higher": Arm("rl", (*CLIP, "stages.0.algo.clip_high=0.28")),
+    "last_connector_llm": Arm("sft", ("stages.0.trainable=[connector,llm]", "stages.0.optim.lr=1e-4",
+                                      "stages.0.optim.schedule=cosine", "stages.0.optim.warmup_ratio=0.03"), "rl"),
+    "last_connector": Arm("sft", ("stages.0.trainable=[connector]", "stages.0.optim.lr=1e-4",
+                                  "stages.0.optim.schedule=cosine", "stages.0.optim.warmup_ratio=0.03"), "rl"),
+}
+# finding -> (reference arm, variant arm, paper)
+FINDINGS: dict[str, tuple[str, str, str]] = {
+    "connector_in_rl": ("rl", "connector_frozen", "R1V3 §5.2"),
+    "curriculum": ("rl", "curriculum", "R1V3 §5.3"),
+    "clip_higher": ("clip_symmetric", "clip_higher", "R1V3 §5.5"),
+    "last_stage": ("last_connector_llm", "last_connector", "R1V3 §3.4, Table 2"),
+    "rl_vs_sft": ("sft", "rl", "R1V3 §6.1"),
 }
 
 
-def summarise(run: Path) -> dict:
-    """Held-out accuracy per evaluation (step within the run, overall and by subject) and the training
-    signals the paper reads (reward, gradient norm)."""
-    report = json.loads((run / REPORT_FILE).read_text())
-    evals = [{"step": ev["step"], "stage": ev["stage"] or "(start)", "accuracy": ev["accuracy"],
-              "by_subject": ev["by_subject"]} for ev in report["eval"] if ev["set"] == "heldout"]
-    steps = [m for m in read_jsonl(run / METRICS_FILE) if "actor/loss" in m]
-    rewards = [m["reward/mean"] for m in steps if "reward/mean" in m]
-    norms = [m["actor/grad_norm"] for m in steps if not math.isnan(m.get("actor/grad_norm", math.nan))]
-    return {"run": str(run), "evals": evals, "reward_last5": sum(rewards[-5:]) / len(rewards[-5:]) if rewards else None,
-            "grad_norm_max": max(norms) if norms else None,
-            "gain_points": round(100 * (evals[-1]["accuracy"] - evals[0]["accuracy"]), 1)}
-
-
-def row(name: str, s: dict) -> str:
-    curve = " ".join(f"{e['step']}:{e['accuracy']:.3f}" for e in s["evals"])
-    subjects = sorted(s["evals"][0]["by_subject"])
-    by = " ".join(f"{k} {s['evals'][0]['by_subject'][k]:.2f}->{s['evals'][-1]['by_subject'][k]:.2f}" for k in subjects)
-    reward = f"{s['reward_last5']:.3f}" if s["reward_last5"] is not None else "  -  "
-    norm = f"{s['grad_norm_max']:.2f}" if s["grad_norm_max"] is not None else "-"
-    return f"{name:<20}{s['gain_points']:>+7.1f}  reward {reward}  |g|max {norm:<7} {curve}   {by}"
+def ablation_config(proof, name: str, checkpoint: str, out: Path):
+    """The arm's config: bench.learning's one-stage arm (for the curriculum, its GRPO stage split in two by
+    difficulty, same total steps), written to OUT/<arm>.yaml and loaded with the arm's overrides as
+    `vireo train OUT/<arm>.yaml OVERRIDES` would (so the file reproduces the arm)."""
+    arm = ARMS[name]
+    cfg = arm_config(proof, arm.base, checkpoint)
+    cfg.name = f"{proof.name}-{name}"
+    if arm.curriculum:
+        stage = cfg.stages[0]
+        easy, hard = copy.deepcopy(stage), copy.deepcopy(stage)
+        easy.name, hard.name = "easy", "hard"
+        easy.data.filter.difficulty, hard.data.filter.difficulty = [1, 2], [3]
+        easy.end.max_steps = stage.end.max_steps // 2
+        hard.end.max_steps = stage.end.max_steps - easy.end.max_steps
+        cfg.stages = [easy, hard]
+    path = out / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return load_config(str(path), list(arm.overrides))
 
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--from", dest="source", required=True, help="a proof run directory (checkpoints/, data/)")
-    parser.add_argument("--only", default="", help=f"comma-separated arms of {', '.join(ARMS)}")
-    parser.add_argument("--seed", type=int, default=0, help="trainer.seed (sampling and data order)")
-    parser.add_argument("--out", default="runs/ablations")
+    parser.add_argument("--config", default="configs/proof.yaml")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", default="", help=f"comma-separated findings of {', '.join(FINDINGS)}")
+    parser.add_argument("--out", default="runs/ablations", help="the bench writes into OUT/<time>/")
+    parser.add_argument("--into", default="", help="this directory instead, e.g. a bench.learning output: its "
+                        "seeds' data, cold starts and rl/sft arms are read back, not run again")
+    parser.add_argument("overrides", nargs="*", help="key=value for every run")
     args = parser.parse_args(argv)
-    source = Path(args.source)
-    names = [n for n in args.only.split(",") if n] or list(ARMS)
-    unknown = set(names) - set(ARMS)
+    findings = [f for f in args.only.split(",") if f] or list(FINDINGS)
+    unknown = sorted(set(findings) - set(FINDINGS))
     if unknown:
-        raise SystemExit(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
+        raise SystemExit(f"unknown findings {unknown}; known: {', '.join(FINDINGS)}")
+    names = list(dict.fromkeys(a for f in findings for a in FINDINGS[f][:2]))
+    if any(ARMS[n].start == "rl" for n in names) and "rl" not in names:
+        names.insert(0, "rl")
+    names.sort(key=lambda n: ARMS[n].start == "rl")  # the rl arm's checkpoint first
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.into) if args.into else Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    started, results = time.time(), {}
-    head = start_ray()
+    started, curves = time.time(), {}
+    bench = Bench()
     try:
-        run_arms(names, source, args.seed, out, results)
+        for seed in seeds:
+            curves[seed] = run_seed(bench, load_config(args.config, [*seed_overrides(seed), *args.overrides]),
+                                    names, out / f"seed{seed}")
+            print(curve_table({seed: curves[seed]}), flush=True)
     finally:
-        head.terminate()
-    print(f"\nfrom {source} (seed {args.seed}); gain = last held-out evaluation - first (the starting checkpoint), "
-          f"points; step:accuracy per evaluation")
-    for name, s in results.items():
-        print(row(name, s))
-    result = {"source": str(source), "seed": args.seed, "minutes": round((time.time() - started) / 60, 1),
-              "arms": results}
+        bench.close()
+    result = {"findings": {}, "seeds": seeds, "out": str(out)}
+    print("\nvariant - reference at the final step, held-out accuracy points, paired per item; "
+          "mean over seeds [95 % bootstrap CI over seeds and items]")
+    for finding in findings:
+        reference, variant, paper = FINDINGS[finding]
+        fig = compare(curves, variant, reference)
+        result["findings"][finding] = {"reference": reference, "variant": variant, "paper": paper,
+                                       "variant_minus_reference_points": fig}
+        print(f"{finding:<17}{variant + ' - ' + reference:<36}{ci_text(fig)}")
+    result["heldout_n"] = min(len(next(iter(c.values())).points[0]["heldout"]["items_by_id"]) for c in curves.values())
+    result["minutes"] = round((time.time() - started) / 60, 1)
     print(json.dumps(result))
     return result
 
 
-def run_arms(names: list[str], source: Path, seed: int, out: Path, results: dict) -> None:
+def run_seed(bench: Bench, proof, names: list[str], out: Path) -> dict[str, Curve]:
+    checkpoint, start, _ = cold_start(bench, proof, out)
+    starts, checkpoints = {"coldstart": start}, {"coldstart": checkpoint}
+    curves: dict[str, Curve] = {}
     for name in names:
-        config, overrides, checkpoint = ARMS[name]
-        run = vireo_train(f"{ABLATIONS}/{config}.yaml", [
-            f"model.path={source / 'checkpoints' / checkpoint}", f"data.train={source / 'data' / 'train.parquet'}",
-            f"data.heldout={source / 'data' / 'heldout.parquet'}", f"trainer.seed={seed}", *overrides],
-            out / f"{name}.log", out / name)
-        results[name] = summarise(run)
-        print(row(name, results[name]), flush=True)
+        arm = ARMS[name]
+        cfg = ablation_config(proof, name, checkpoints[arm.start], out)
+        run_dir = out / name
+        report = bench.train(cfg, run_dir, out / f"{name}.log")
+        curves[name] = curve_of(report, run_dir, [s.name for s in cfg.stages], starts[arm.start])
+        if name == "rl":  # the last-stage arms start from its final checkpoint and evaluation
+            checkpoints["rl"] = str(run_dir / CHECKPOINTS_DIR / cfg.stages[-1].name)
+            starts["rl"] = final_evals(report, run_dir, cfg.stages[-1].name)
+    return curves
 
 
 if __name__ == "__main__":

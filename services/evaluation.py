@@ -31,6 +31,8 @@ class EvalConfig:
     temperature: float = 0.0
     max_tokens: int = 48
     limit: int = 0
+    before_train: bool = True  # evaluate the starting weights (verl's val_before_train); a run from a
+    # checkpoint whose evaluation is already on record (bench/learning.py's arms) may skip it
 
 
 @dataclass

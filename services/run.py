@@ -332,7 +332,8 @@ class Run:
     def _begin_report(self, plans: list[StagePlan]) -> dict:
         report: dict = {"config": redacted(json.loads(json.dumps(asdict(self.cfg), default=str))), "eval": [],
                         "stages": []}
-        initial = self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
+        initial = (self.evaluate_heldout("initial", 0, "", plans[0].heldout, report)
+                   if self.cfg.evaluation.before_train else {})
         report["heldout_accuracy_initial"] = initial.get(f"eval/{PRIMARY_HELDOUT}/accuracy", float("nan"))
         return report
 

@@ -127,7 +127,7 @@ def test_out_dir_and_run_dir_are_absolute_once_loaded(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["configs/demo.yaml", "configs/proof.yaml", "configs/r1v3_38b.yaml",
-                                  "configs/ablations/rl_clip_higher.yaml", None])
+                                  None])
 def test_a_saved_config_reads_back_as_written_and_a_cut_one_is_refused(tmp_path, path):
     """What a resume trusts: config.yaml exactly as vireo wrote it. Cut at 1024 bytes (a full disk under the
     old non-atomic write), it is refused, not completed with defaults (batch 4 -> 16, lr 1e-6 -> 1e-5)."""
