@@ -7,10 +7,10 @@ one local Ray cluster (each with its own actors), so Ray starts once:
 
 | ablation | arms | starts from | paper |
 |---|---|---|---|
-| connector in RL | rl_reference (all train) / rl_connector_frozen | cold start | P3 §5.2 |
-| curriculum | rl_reference (mixed) / rl_curriculum (easy -> hard) | cold start | P3 §5.3 |
-| clip-higher | rl_clip_higher (0.28) / same with clip_high=0.2 | cold start | P3 §5.5 |
-| last stage | last_connector_only / same with connector+LLM | GRPO end | P3 §3.4, Table 2 |
+| connector in RL | rl_reference (all train) / rl_connector_frozen | cold start | R1V3 §5.2 |
+| curriculum | rl_reference (mixed) / rl_curriculum (easy -> hard) | cold start | R1V3 §5.3 |
+| clip-higher | rl_clip_higher (0.28) / same with clip_high=0.2 | cold start | R1V3 §5.5 |
+| last stage | last_connector_only / same with connector+LLM | GRPO end | R1V3 §3.4, Table 2 |
 
     nice -n 5 python -m bench.ablations --from runs/learning/<time>/proof-<time> [--only reference,frozen]
 

@@ -1,4 +1,4 @@
-"""The learning proof (issue 10; P3 §6.1 "RL generalises where SFT stops"): does GRPO's reward, and not just
+"""The learning proof (issue 10; R1V3 §6.1 "RL generalises where SFT stops"): does GRPO's reward, and not just
 more training, raise held-out accuracy?
 
 For each seed (model init, data and sampling: model.seed, data.seed, trainer.seed) it runs

@@ -1,5 +1,5 @@
 """The proof and ablation configs (issue 10) load, and each ablation arm differs from its reference in
-exactly the setting the paper's finding is about (P3 §3.4, §5.2, §5.3, §5.5)."""
+exactly the setting the paper's finding is about (R1V3 §3.4, §5.2, §5.3, §5.5)."""
 import dataclasses
 from pathlib import Path
 
