@@ -7,7 +7,7 @@ Nothing here touches the network, the optimizer or ``torch.distributed``; the
 learner does the all-reduces, these functions only return the *local* pieces
 (sums and counts) that make a global reduction exact.
 
-Recipe (Skywork-R1V3, arXiv 2507.06167, P3 §3.3 "RL Implementation Details"):
+Recipe (Skywork-R1V3, arXiv 2507.06167, R1V3 §3.3 "RL Implementation Details"):
 GRPO group-normalised advantages, PPO clipped surrogate with a symmetric clip of
 0.2, no KL penalty, one gradient step per episode (strictly on-policy, ratio = 1).
 
@@ -179,7 +179,7 @@ def grpo(
     """GRPO group-relative advantage, one scalar per sequence.
 
     ``A_i = (r_i - mean_g(r)) / (std_g(r) + eps)`` over the responses sharing a
-    prompt (P3 §3.3 / ref §2.4, following Shao et al. 2024).  With
+    prompt (R1V3 §3.3, following Shao et al. 2024).  With
     ``norm_by_std=False`` it is ``r_i - mean_g(r)`` (Dr. GRPO, Liu et al. 2025),
     which drops the difficulty re-weighting that std-normalisation introduces.
 
@@ -189,7 +189,7 @@ def grpo(
       a lone sample has no baseline, so it carries no group-relative signal).
     * A group whose rewards are all equal gets exactly 0 (no NaN and no
       ``tiny/(tiny+eps)`` residue from float rounding of the mean): these are
-      R1V2's "vanishing advantage" groups (ref §6, SSB).
+      R1V2's "vanishing advantage" groups (R1V2 §3.3.2, SSB).
     * Groups may have different sizes and appear in any order; ``group_ids`` is
       a ``Tensor[N]`` or a sequence of hashables (e.g. prompt uids).
 
@@ -261,8 +261,8 @@ def aggregate_loss(
     * ``"token-mean"``: ``Σ mask·ℓ / loss_token_count`` - every token of the
       global batch weighs the same (verl / DAPO default).
     * ``"seq-mean-token-mean"``: ``Σ_i (Σ_t mask·ℓ / |y_i|) / loss_seq_count`` -
-      per-sequence mean, then mean over sequences, as written in P3 Eq. 7
-      (``1/M Σ_j 1/|y_j| Σ_t``, ref §2.4).  ``|y_i|`` is local to the sequence,
+      per-sequence mean, then mean over sequences, as written in R1V3 Eq. 7
+      (``1/M Σ_j 1/|y_j| Σ_t``, R1V3 §3.3).  ``|y_i|`` is local to the sequence,
       so it is exact as long as a sequence is never split across micro-batches.
 
     Because the normaliser is global, the losses of all micro-batches / ranks
@@ -309,8 +309,8 @@ def ppo_clip(
 
         ℓ = max(-A·ρ, -A·clip(ρ, 1 - clip_low, 1 + clip_high))
 
-    The R1V3 final recipe uses a symmetric 0.2 (P3 §3.3); ``clip_high >
-    clip_low`` is DAPO's clip-higher, which P3 §5.5 found to cause instability
+    The R1V3 final recipe uses a symmetric 0.2 (R1V3 §3.3); ``clip_high >
+    clip_low`` is DAPO's clip-higher, which R1V3 §5.5 found to cause instability
     and anomalous grad norms - kept only as an option.  ``clip_ratio_c`` (> 1)
     enables dual-clip (Ye et al. 2020): for ``A < 0`` the loss is additionally
     capped at ``-A·clip_ratio_c`` so a huge ratio on a bad token cannot blow up.
@@ -395,8 +395,8 @@ def sft(
     loss_scale: float = 1.0,
     **_ratio_options: object,
 ) -> tuple[Tensor, dict[str, Tensor | StatPair]]:
-    """Supervised negative log-likelihood of the response tokens (cold-start SFT, P3 §2.3; connector-only
-    tuning, §2.5), registered as a policy loss so every stage trains through one ``train_step``.
+    """Supervised negative log-likelihood of the response tokens (cold-start SFT, R1V3 §3.2; connector-only
+    tuning, §3.4), registered as a policy loss so every stage trains through one ``train_step``.
 
     It ignores ``old_logprobs``, ``advantages`` and the ratio options (clip bounds) that PPO-style
     losses take; aggregation and the global normalisers are those of :func:`ppo_clip`.
@@ -419,7 +419,7 @@ def sft(
 @register_kl_estimator("k1")
 def k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """``log π_θ - log π_ref``: unbiased for KL(π_θ‖π_ref) on π_θ samples but
-    high-variance and can be negative per token.  The form written in P3 Eq. 7."""
+    high-variance and can be negative per token.  The form written in R1V3 Eq. 7."""
     return logprobs - ref_logprobs
 
 
@@ -443,7 +443,7 @@ def k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL(π_θ‖π_ref) estimate with the registered estimator ``kind``.
 
-    The R1V3 final recipe applies **no** KL penalty (P3 §3.3, ref §2.4); a
+    The R1V3 final recipe applies **no** KL penalty (R1V3 §3.3); a
     coefficient of 0 (and skipping the reference forward) is the caller's call.
     Mask/aggregate the result with the same mode as the policy loss.
     """
@@ -487,7 +487,7 @@ def entropy_from_logits(logits: Tensor, *, chunk_rows: int | None = 1024) -> Ten
     The logsumexp form is exact and stable for large/shifted logits (no log of
     tiny probabilities).  Float32 math, row-chunked like
     :func:`logprobs_from_logits`; differentiable (for an entropy bonus), but call
-    it under ``torch.no_grad()`` for monitoring to save memory.  P3 §6.5 defines
+    it under ``torch.no_grad()`` for monitoring to save memory.  R1V3 §6.5 defines
     token entropy this way (mean over vocabulary distribution at each step).
     """
     v = logits.shape[-1]
@@ -513,9 +513,9 @@ def critical_token_entropy(
 ) -> StatPair:
     """(Σ entropy, count) over occurrences of "critical" reasoning tokens.
 
-    P3 §1/§5.1 monitors "entropy at critical reasoning initiation points like
+    R1V3 §1/§5.1 monitors "entropy at critical reasoning initiation points like
     'Wait', 'Alternatively'" (and §6.2's 'Hmm') for checkpoint selection but does
-    not say at which position (ref §3).  Our choice: the entropy of the
+    not say at which position.  Our choice: the entropy of the
     distribution **from which the critical token was sampled**, i.e. the
     decision to start a reflection - high when the model genuinely hesitates,
     ~0 when it recites a memorised pattern.  So ``entropy[b, t]`` must be aligned

@@ -1,5 +1,5 @@
 """Critical reasoning tokens ("Wait", "Alternatively", "Hmm" …) mapped to token ids, and the entropy
-statistics measured at them (P3 §1/§5.1: their entropy separates models that reason from models that
+statistics measured at them (R1V3 §1/§5.1: their entropy separates models that reason from models that
 imitate, and selects RL checkpoints).
 
 The paper leaves the definition open; vireo's (README "Critical-token entropy"):

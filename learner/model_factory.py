@@ -1,8 +1,8 @@
 """Build the embedded default VLM: a real transformers architecture with seeded random weights.
 
-The tiny model keeps the paper's shape (vision encoder -> MLP connector -> decoder LLM, P3 §1) so that
-every code path a 38B run takes — freezing the connector, vLLM loading, weight sync by parameter name —
-is exercised here. Nothing is downloaded: the tokenizer is trained locally with `tokenizers`.
+The tiny model keeps the paper's shape (vision encoder -> MLP connector -> decoder LLM: InternVL3-38B,
+R1V3 §3.2) so that every code path a 38B run takes — freezing the connector, vLLM loading, weight sync by
+parameter name — is exercised here. Nothing is downloaded: the tokenizer is trained locally with `tokenizers`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from learner.types import ARCHITECTURES
 # Special tokens every vireo tokenizer carries: chat roles and the image tokens of both architectures
 # (so one vocabulary serves both; each uses its own).
 COMMON_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# The R1-style reasoning tags (P3 §6.2) are single tokens but not "special": decoders that skip special
+# The R1-style reasoning tags (R1V3 §6.2) are single tokens but not "special": decoders that skip special
 # tokens (vLLM's default) must keep them in the response text, where the format reward looks for them.
 THINK_TOKENS = ["<think>", "</think>"]
 INTERNVL_SPECIAL = {"start_image_token": "<img>", "end_image_token": "</img>",

@@ -1,5 +1,5 @@
 """The three parameter groups the paper trains separately — vision, connector, llm — named once per
-architecture (P3 §5.2: the connector must train during RL; §3.4: connector-only tuning after RL)."""
+architecture (R1V3 §5.2: the connector must train during RL; §3.4: connector-only tuning after RL)."""
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -1,6 +1,7 @@
 """Learning-rate schedules, registered by name: lr at step s (0-based) of a stage of `total` steps.
 
-P3 §2.5 tunes the connector with cosine decay and a 0.03 warm-up ratio; RL uses a constant lr (§2.4).
+R1V3 §3.4 tunes the connector with cosine decay and a 0.03 warm-up ratio; for RL it gives one lr, 1e-5, and
+no schedule (§3.3), which vireo keeps constant.
 """
 from __future__ import annotations
 

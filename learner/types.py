@@ -10,7 +10,7 @@ GROUPS = ("vision", "connector", "llm")
 DTYPES = ("float32", "bfloat16", "float16")
 #: The model architectures vireo builds (learner.model_factory) and trains.
 ARCHITECTURES = ("internvl", "qwen2_vl")
-# The paper's examples (P3 §1 "Wait", "Alternatively"; §6.2 "Hmm") and their usual kin (learner.critical_tokens).
+# The paper's examples (R1V3 §1 "Wait", "Alternatively"; §6.2 "Hmm") and their usual kin (learner.critical_tokens).
 DEFAULT_CRITICAL_WORDS = ("Wait", "Alternatively", "Hmm", "But", "However", "Let me", "Actually", "Check")
 DEFAULT_HIGH_ENTROPY = 1.0  # nats: the share of response tokens above it is logged beside the means
 
@@ -70,7 +70,7 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    """A stage's loss: names in learner.algos' registries (P3 §2.4: PPO clip 0.2 symmetric, no KL, one
+    """A stage's loss: names in learner.algos' registries (R1V3 §3.3: PPO clip 0.2 symmetric, no KL, one
     gradient step per episode). The KL reference is the policy as the stage starts."""
 
     policy_loss: str = "ppo_clip"
@@ -85,7 +85,7 @@ class LossConfig:
 @dataclass(frozen=True)
 class StageSpec:
     """What the learner needs of a stage. A new stage rebuilds the optimiser over exactly the `trainable`
-    parameter groups (P3 §5.2 / §3.4: which of vision, connector, llm train is a stage's choice)."""
+    parameter groups (R1V3 §5.2 / §3.4: which of vision, connector, llm train is a stage's choice)."""
 
     name: str
     trainable: tuple[str, ...] = GROUPS

@@ -293,7 +293,7 @@ class LearnerWorker:
 
     def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
         """The current policy on given responses, no update: their token-mean NLL (on reference solutions,
-        the validation loss an SFT stage's early stopping watches, P3 §2.5) and, on the model's own
+        the validation loss an SFT stage's early stopping watches, R1V3 §3.4) and, on the model's own
         responses, the entropy figures of learner.critical_tokens."""
         samples = batch.samples or []
         global_tokens, _ = self._global_sum(self._counts(samples))

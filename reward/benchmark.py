@@ -25,7 +25,7 @@ from reward.compose import ACCURACY_SCORERS, RewardConfig, RewardScorer
 from reward.types import ScoreRequest
 
 PROTOCOLS = ("mmmu", "math")
-# The MMMU protocol vireo prompts for ("Answer: X" last line, as the R1V prompts ask, P1 §3) is the one
+# The MMMU protocol vireo prompts for ("Answer: X" last line, as the R1V prompts ask, R1V §3) is the one
 # the MMMU-Pro evaluator reads first; `mmmu` reproduces the original MMMU evaluator exactly.
 DEFAULT_VARIANT = "mmmu-pro"
 BATCH = 64  # math rows per sandbox batch (and per progress update)

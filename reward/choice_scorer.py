@@ -1,5 +1,5 @@
 """Strict multiple-choice accuracy: the reward used in training (RL data is multiple-choice and
-fill-in-the-blank, P3 §2.1).
+fill-in-the-blank, R1V3 §2).
 
 Strict means: the letter must be stated as an answer (the last `\\boxed{X}`, else the last `Answer: X`)
 and be a valid option letter; a response that states none scores 0 with an error, never a guess (the

@@ -1,4 +1,4 @@
-"""The reward: R = 0.8·R_acc + 0.2·R_format (P3 §3.1, ε = 0.8), for batches of responses.
+"""The reward: R = 0.8·R_acc + 0.2·R_format (R1V3 §3.1, ε = 0.8), for batches of responses.
 
 Accuracy runs in a reward.sandbox pool (hostile answers cannot hang or crash the caller); format is a
 linear string check and runs here, on the full response.
@@ -20,7 +20,7 @@ from reward.types import RewardResult, ScoreRequest
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Weights from P3 §3.1. max_response_chars: longer responses are cut to their last that many
+    """Weights from R1V3 §3.1. max_response_chars: longer responses are cut to their last that many
     characters before accuracy scoring, since the answer sits at the end (16k chars ≈ 4k tokens, far more
     than any answer section); this bounds the parsers' input. Format always sees the full response.
     worker_memory_mb: memory one scoring worker may allocate beyond its start-up size.
@@ -48,7 +48,7 @@ register_reward = REWARD_KINDS.register
 
 @register_reward("rule")
 def rule_reward(scores: list[float], rng: random.Random) -> list[float]:
-    """The rule-based reward as scored (P3 §3.1)."""
+    """The rule-based reward as scored (R1V3 §3.1)."""
     return scores
 
 

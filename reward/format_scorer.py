@@ -1,6 +1,6 @@
-"""R_format (P3 §3.1) and the helpers that define where a response keeps its answer.
+"""R_format (R1V3 §3.1) and the helpers that define where a response keeps its answer.
 
-The response template is `<think>reasoning</think>answer`, the answer holding a `\\boxed{…}` (the §6.6 prompt:
+The response template is `<think>reasoning</think>answer`, the answer holding a `\\boxed{…}` (the R1V3 §6.6 prompt:
 "The final answer MUST BE put in \\boxed."). Every scorer reads the answer the same way, so the helpers live
 with the template they describe. All of it is linear-time string work: it runs in the caller's process on the
 full, untruncated response.
@@ -53,7 +53,7 @@ def stated_answer(section: str) -> str | None:
 
 def score_format(response: str) -> float:
     """1.0 iff the response is exactly one non-empty `<think>…</think>` block at its start (leading
-    whitespace allowed) followed by text holding a non-empty `\\boxed{…}`; else 0.0 (P3 §3.1 R_format)."""
+    whitespace allowed) followed by text holding a non-empty `\\boxed{…}`; else 0.0 (R1V3 §3.1 R_format)."""
     body = response.lstrip()
     if not body.startswith(THINK_OPEN) or body.count(THINK_OPEN) != 1 or body.count(THINK_CLOSE) != 1:
         return 0.0

@@ -1,10 +1,10 @@
-"""Math / numeric accuracy with math-verify: R_rule of P3 §3.1 (the paper ORs it with an LLM verifier,
+"""Math / numeric accuracy with math-verify: R_rule of R1V3 §3.1 (the paper ORs it with an LLM verifier,
 which this rule scorer does not include).
 
 The answer is the last balanced `\\boxed{…}` after `</think>` (the repo's eval scripts also take the last
-box, see reference §2.2), else the last "Answer:" line. math-verify's own timeouts use signal.alarm, which
-raises outside the main thread, so they are switched off here; callers run this under reward.sandbox,
-whose worker process enforces a hard wall-clock limit instead.
+box; R1V3 §3.1 does not say how it extracts), else the last "Answer:" line. math-verify's own timeouts use
+signal.alarm, which raises outside the main thread, so they are switched off here; callers run this under
+reward.sandbox, whose worker process enforces a hard wall-clock limit instead.
 """
 from __future__ import annotations
 

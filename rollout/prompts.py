@@ -9,7 +9,7 @@ from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 
-# P3 §6.6 / R1V prompts: reasoning inside <think></think>, final answer in \boxed{}.
+# R1V3 §6.6 / R1V §3 prompts: reasoning inside <think></think>, final answer in \boxed{}.
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant. Think step by step inside <think> </think>, "
                          "then put the final answer in \\boxed{}.")
 

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 @dataclass
 class Sampling:
     """What is sampled per prompt, defined once for a run's stages and for each rollout call; n samples
-    per prompt form one GRPO group (P3 §2.4: 32 samples per prompt at temperature 1.0)."""
+    per prompt form one GRPO group (R1V3 §3.3: 32 samples per prompt).
+
+    The training temperature 1.0 is vireo's choice, the verl / EasyR1 default (top_p 1.0 is verl's): R1V3
+    §3.3 does not state its rollout temperature or top-p. The paper's temperature 1.0 is its evaluation
+    setting (R1V3 §4: MMMU at temperature 1.0, 16,384 tokens, average of 5 runs)."""
 
     n: int = 8
     temperature: float = 1.0

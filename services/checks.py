@@ -12,13 +12,13 @@ from omegaconf import OmegaConf
 from learner import algos
 from learner.schedules import LR_SCHEDULES
 from learner.types import ARCHITECTURES, DTYPES, GROUPS
-from reward import mmmu
 from reward.benchmark import PROTOCOLS
 from reward.compose import ACCURACY_SCORERS, REWARD_KINDS
 from rollout.prompts import MAX_IMAGE_PIXELS
 from rollout.weight_transport import TRANSPORTS
 from services.config import ConfigError, RunConfig, flat, parse_config, to_yaml
 from services.data.synthetic import MIN_IMAGE_SIZE, TASKS
+from services.evaluation import EVAL_MODES
 from services.selection import CRITERIA
 from services.stages import STAGE_KINDS
 from services.tracking import TRACKER_BACKENDS
@@ -99,7 +99,7 @@ def validate(cfg: RunConfig) -> None:
         one_of(cfg.reward.kind, REWARD_KINDS, "reward.kind"),
         (cfg.reward.workers >= 1, "reward.workers must be >= 1"),
         one_of(cfg.evaluation.protocol, ("",) + PROTOCOLS, "evaluation.protocol"),
-        one_of(cfg.evaluation.mode, mmmu.MODES, "evaluation.mode"),
+        one_of(cfg.evaluation.mode, EVAL_MODES, "evaluation.mode"),
         (cfg.evaluation.max_tokens >= 1, "evaluation.max_tokens must be >= 1"),
         (cfg.evaluation.temperature >= 0, "evaluation.temperature must be >= 0"),
         (len(cfg.stages) >= 1, "stages must list at least one stage"),

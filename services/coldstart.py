@@ -1,4 +1,4 @@
-"""`vireo make-coldstart`: cold-start SFT data by rejection sampling (P3 §2.3 distils its traces so).
+"""`vireo make-coldstart`: cold-start SFT data by rejection sampling (R1V3 §2 distils its traces so).
 
 K responses per problem from the same vLLM rollout actors training uses, scored by the reward actor;
 a response is kept when it is correct and in the `<think>…</think> \\boxed{}` format (format score 1),

@@ -109,7 +109,7 @@ class SamplingStageConfig(Sampling):
 @dataclass
 class AlgoConfig(LossConfig):
     """The loss (learner.types.LossConfig) plus what the controller does before it: the advantage
-    estimator by name and DAPO-style dropping of groups whose rewards are all equal (P3 §5.5)."""
+    estimator by name and DAPO-style dropping of groups whose rewards are all equal (R1V3 §5.5)."""
 
     adv_estimator: str = "grpo"
     norm_adv_by_std: bool = True

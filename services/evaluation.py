@@ -21,13 +21,18 @@ from services.run_dir import to_json, write_atomic
 from services.scoring import clean_text, format_summary, progress_bar, write_jsonl
 
 
+# "auto" resolves by the system prompt in use (resolve_mode); the others are reward.mmmu's modes.
+EVAL_MODES = ("auto",) + mmmu.MODES
+
+
 @dataclass
 class EvalConfig:
     """How held-out sets are judged, by `vireo eval` and during training (the run config's `evaluation`):
-    protocol "" picks mmmu for MMMU-schema data and math otherwise; mode official|strict|r1v3."""
+    protocol "" picks mmmu for MMMU-schema data and math otherwise; mode auto|official|strict|r1v3, where
+    auto (the default) is r1v3 when the system prompt asks for \\boxed{} (vireo's own does), else official."""
 
     protocol: str = ""
-    mode: str = "official"
+    mode: str = "auto"
     temperature: float = 0.0
     max_tokens: int = 48
     limit: int = 0
@@ -68,6 +73,16 @@ Generate = Callable[[list[Problem], SamplingConfig], list[Trajectory]]
 Score = Callable[[list[dict], str, str], tuple[list[dict], dict]]
 
 
+def resolve_mode(mode: str, system_prompt: str) -> str:
+    """The MMMU mode an evaluation scores in: an explicit official/strict/r1v3 as given; "auto" is r1v3
+    (the last \\boxed{} read first) when the system prompt asks for \\boxed{}, else official."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"evaluation mode must be one of {EVAL_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "r1v3" if "\\boxed" in system_prompt else "official"
+
+
 def protocol_for(problems: list[Problem], protocol: str = "") -> str:
     """The protocol asked for, else mmmu for MMMU-schema data and math otherwise."""
     return protocol or ("mmmu" if problems and problems[0].source == "MMMU" else "math")
@@ -82,7 +97,8 @@ def evaluate_problems(problems: list[Problem], generate: Generate, score: Score,
     sampling = SamplingConfig(n=1, temperature=options.temperature, max_tokens=options.max_tokens,
                               seed=options.seed)
     responses = {t.prompt_id: t.response_text for t in generate(problems, sampling)}
-    rows, summary = score([problem_row(p, responses[p.id]) for p in problems], protocol, options.mode)
+    mode = resolve_mode(options.mode, options.system_prompt)
+    rows, summary = score([problem_row(p, responses[p.id]) for p in problems], protocol, mode)
     summary["format_rate"] = sum(score_format(p["response"]) for p in rows) / max(len(rows), 1)
     return rows, summary
 
@@ -112,8 +128,8 @@ def evaluate_with_learner(problems: list[Problem], options: EvalOptions, generat
                           sft_sample: Callable[[Problem], TrainSample]) -> EvalResult:
     """Held-out accuracy as `vireo eval` computes it (evaluate_problems: the rollout actors generate, the
     reward actor judges by the benchmark protocol), plus the learner's forward pass over the model's own
-    responses (the entropy figures, P3 §5.1) and over the reference solutions (the validation loss an SFT
-    stage's early stopping watches, P3 §2.5)."""
+    responses (the entropy figures, R1V3 §5.1) and over the reference solutions (the validation loss an SFT
+    stage's early stopping watches, R1V3 §3.4)."""
     responses: list[Trajectory] = []
 
     def generate_and_keep(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
@@ -180,8 +196,9 @@ def main(argv) -> int:
     parser.add_argument("--model", required=True, help="HF checkpoint directory")
     parser.add_argument("--data", required=True, help="parquet file or directory (vireo, MMMU or math schema)")
     parser.add_argument("--protocol", choices=["mmmu", "math"], default="")
-    parser.add_argument("--mode", choices=mmmu.MODES, default=defaults.mode,
-                        help="official: the benchmark rules; strict: no random guess; r1v3: last \\boxed{} first")
+    parser.add_argument("--mode", choices=EVAL_MODES, default=defaults.mode,
+                        help="official: the benchmark rules; strict: no random guess; r1v3: last \\boxed{} first; "
+                             "auto: r1v3 when the system prompt asks for \\boxed{} (vireo's does), else official")
     parser.add_argument("--out", default=None, help="write results.jsonl and summary.json here")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)

@@ -31,7 +31,8 @@ from services.config import ConfigError, RunConfig, StageConfig, flat, to_yaml
 from services.data.loading import DataError, load_problems
 from services.data.mix import MixSampler, ProblemFilter
 from services.data.problems import Problem
-from services.evaluation import EvalOptions, EvalResult, evaluate_with_learner, rollout_requests, score_requests
+from services.evaluation import (EvalOptions, EvalResult, evaluate_with_learner, protocol_for, resolve_mode,
+                                 rollout_requests, score_requests)
 from services.fleet import Fleet, RunDirNotShared
 from services.progress import StageProgress
 from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
@@ -262,8 +263,10 @@ class Run:
         metrics: dict[str, float] = {}
         for set_name, problems in sets.items():
             result = self.evaluate(problems)
+            judged = {"protocol": protocol_for(problems, self.cfg.evaluation.protocol),  # as resolved in scoring
+                      "mode": resolve_mode(self.cfg.evaluation.mode, self.cfg.data.system_prompt)}
             report["eval"].append({"name": name, "stage": stage, "set": set_name, "step": step,
-                                   "checkpoint": checkpoint, **asdict(result)})
+                                   "checkpoint": checkpoint, **judged, **asdict(result)})
             self.log(f"[eval] {name} {set_name}: accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
                      f"critical-token entropy {result.critical_entropy:.3f}, n={result.n}) {result.by_subject}")
             figures = asdict(result)

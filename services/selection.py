@@ -1,4 +1,4 @@
-"""Checkpoint selection (P3 §5.1): rank a run's saved checkpoints by critical-token entropy — the paper's
+"""Checkpoint selection (R1V3 §5.1): rank a run's saved checkpoints by critical-token entropy — the paper's
 signal that a model reasons rather than imitates — or by held-out accuracy or training reward.
 
 Inputs are the run's own records: report.json's evaluations (each with the checkpoint saved at that step)

@@ -1,4 +1,4 @@
-"""Stage kinds and end rules: a run is a list of stages (P3 §2: cold-start SFT -> GRPO -> connector-only).
+"""Stage kinds and end rules: a run is a list of stages (R1V3 §2–§3: cold-start SFT -> GRPO -> connector-only).
 
 A stage kind is one registered class with `step(step) -> metrics`; the run (services/run.py) owns the
 loop, the checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext
@@ -73,7 +73,7 @@ class StageKind:
 
 @register_stage_kind("sft")
 class SftStage(StageKind):
-    """Supervised steps on the data's solution texts (loss on response tokens only, P3 §2.3/§2.5)."""
+    """Supervised steps on the data's solution texts (loss on response tokens only, R1V3 §3.2/§3.4)."""
 
     needs_solution = True
     policy_loss = "sft"
@@ -88,7 +88,7 @@ class SftStage(StageKind):
 
 @register_stage_kind("grpo")
 class GrpoStage(StageKind):
-    """Rollouts -> rewards -> group advantages -> policy update -> weights back (P3 §2.4)."""
+    """Rollouts -> rewards -> group advantages -> policy update -> weights back (R1V3 §3.3)."""
 
     samples = True
 
@@ -136,7 +136,7 @@ class GrpoStage(StageKind):
 
 
 def keep_informative(samples: list[TrainSample], group_ids: list[str], rewards: torch.Tensor) -> list[TrainSample]:
-    """Dynamic filtering (DAPO-style, P3 §5.5): groups whose rewards are all equal carry no signal."""
+    """Dynamic filtering (DAPO-style, R1V3 §5.5): groups whose rewards are all equal carry no signal."""
     by_group: dict[str, list[float]] = {}
     for g, r in zip(group_ids, rewards.tolist()):
         by_group.setdefault(g, []).append(r)

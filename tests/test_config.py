@@ -14,7 +14,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     warm, rl = cfg.stages
     assert (warm.kind, warm.end.max_steps, rl.kind, rl.sampling.n) == ("sft", 9, "grpo", 4)
     assert rl.algo.clip_high == 0.28 and rl.algo.clip_low == 0.2 and rl.trainable == ["connector", "llm"]
-    assert cfg.reward.accuracy_weight == 0.8 and cfg.reward.format_weight == 0.2  # P3 §3.1
+    assert cfg.reward.accuracy_weight == 0.8 and cfg.reward.format_weight == 0.2  # R1V3 §3.1
 
 
 def test_repo_configs_load():

@@ -38,7 +38,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 MAX_COUNT = 3
 MIN_IMAGE_SIZE = 22  # below it a cell of the 2x2 grid cannot hold the largest blob with its margin (_blobs)
-# Reference solutions reflect some of the time (P3 §5.1: critical tokens such as "Wait" mark reflection):
+# Reference solutions reflect some of the time (R1V3 §5.1: critical tokens such as "Wait" mark reflection):
 # a share recounts ("Wait, let me count again"), part of it correcting a wrong first count.
 REFLECT_RATE = 0.3
 CORRECT_RATE = 0.1
@@ -147,7 +147,7 @@ def _generate_count(rng: random.Random, size: int) -> Draw:
 
 
 def _count_thought(problem: Problem, count: int) -> str:
-    """"I count N shapes.", sometimes with a recount (P3's "Wait" moves) that corrects a wrong first count."""
+    """"I count N shapes.", sometimes with a recount (R1V3 §5.1's "Wait" moves) that corrects a wrong first count."""
     roll = _reflect(problem)
     if roll < CORRECT_RATE:
         first = count + 1 if count < MAX_COUNT else count - 1
