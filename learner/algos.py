@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from common.registry import Registry
+from learner.types import CRITICAL_POSITIONS
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -73,6 +74,8 @@ __all__ = [
     "entropy_from_logits",
     "logprobs_from_logits",
     "critical_token_entropy",
+    "critical_masks",
+    "CRITICAL_POSITIONS",
 ]
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -505,34 +508,90 @@ def entropy_from_logits(logits: Tensor, *, chunk_rows: int | None = 1024) -> Ten
     return out.reshape(logits.shape[:-1])
 
 
+Marker = Sequence[int] | int
+
+
+def critical_masks(
+    token_ids: Tensor,
+    response_mask: Tensor,
+    markers: Collection[Marker],
+    separators: Collection[int] = (),
+) -> tuple[Tensor, Tensor]:
+    """(first, after): boolean masks of the positions where a critical marker starts a reflection, and of
+    the positions right after such a marker's last token.
+
+    A marker is a token-id sequence (a bare id is a one-token marker): one spelling of a critical word or
+    phrase (" Wait", " let me", ...). It occurs at ``t`` when its *whole* sequence is found there, inside
+    the response (``response_mask`` set at every token of it); a word whose first token appears without the
+    rest of its marker does not count. Where several markers start at ``t`` the longest is the occurrence.
+    An occurrence is a *continuation*, and does not count, when only ``separators`` (punctuation ids)
+    stand between it and the end of an earlier occurrence: in "Wait, let me" only " Wait" starts the
+    reflection. ``first`` marks the first token of every counted occurrence; ``after`` the position after
+    its last token, when that position is still in the response.
+    """
+    if token_ids.shape != response_mask.shape or token_ids.dim() != 2:
+        raise ValueError("token_ids and response_mask must share a (batch, length) shape")
+    keep = response_mask != 0
+    b, t = token_ids.shape
+    if t == 0:
+        return keep.clone(), keep.clone()
+    seqs = {(int(m),) if isinstance(m, int) else tuple(int(i) for i in m) for m in markers}
+    start_len = torch.zeros(b, t, dtype=torch.long, device=token_ids.device)
+    covered = torch.zeros(b, t, dtype=torch.bool, device=token_ids.device)
+    for seq in sorted(s for s in seqs if 0 < len(s) <= t):
+        n, span = len(seq), t - len(seq) + 1
+        hit = torch.ones(b, span, dtype=torch.bool, device=token_ids.device)
+        for k, tok in enumerate(seq):
+            hit &= (token_ids[:, k:k + span] == tok) & keep[:, k:k + span]
+        hit = torch.nn.functional.pad(hit, (0, n - 1))
+        start_len = torch.where(hit, start_len.clamp(min=n), start_len)
+        for k in range(n):
+            covered[:, k:] |= hit[:, :t - k]
+    sep = keep & torch.isin(token_ids, torch.as_tensor(sorted({int(i) for i in separators}), dtype=token_ids.dtype,
+                                                       device=token_ids.device))
+    idx = torch.arange(t, device=token_ids.device).expand(b, t)
+    none = torch.full_like(idx, -1)
+    # the latest marker token and the latest position that is neither marker nor separator, before t
+    last_covered = torch.where(covered, idx, none).cummax(dim=1).values
+    last_break = torch.where(covered | sep, none, idx).cummax(dim=1).values
+    last_covered = torch.nn.functional.pad(last_covered[:, :-1], (1, 0), value=-1)
+    last_break = torch.nn.functional.pad(last_break[:, :-1], (1, 0), value=-1)
+    first = (start_len > 0) & ~(last_covered > last_break)
+    after = torch.zeros_like(first)
+    for n in sorted(set(start_len[first].tolist())):
+        if n < t:
+            after[:, n:] |= (first & (start_len == n))[:, :t - n]
+    return first, after & keep
+
+
 def critical_token_entropy(
     entropy: Tensor,
     token_ids: Tensor,
     response_mask: Tensor,
-    critical_ids: Collection[int],
+    markers: Collection[Marker],
+    separators: Collection[int] = (),
+    positions: str = "first",
 ) -> StatPair:
-    """(Σ entropy, count) over occurrences of "critical" reasoning tokens.
+    """(Σ entropy, count) over the reflection starts of critical reasoning markers (`critical_masks`).
 
     R1V3 §1/§5.1 monitors "entropy at critical reasoning initiation points like
     'Wait', 'Alternatively'" (and §6.2's 'Hmm') for checkpoint selection but does
-    not say at which position.  Our choice: the entropy of the
-    distribution **from which the critical token was sampled**, i.e. the
+    not say at which position.  ``positions="first"``: the entropy of the
+    distribution **from which the marker's first token was sampled**, i.e. the
     decision to start a reflection - high when the model genuinely hesitates,
-    ~0 when it recites a memorised pattern.  So ``entropy[b, t]`` must be aligned
-    like ``logprobs_from_logits(logits, labels)``: computed from the logits row
-    that scored ``token_ids[b, t]``.
+    ~0 when it recites a memorised pattern.  ``positions="after"``: that of the
+    token right after the marker (what the reflection goes on with).  So
+    ``entropy[b, t]`` must be aligned like ``logprobs_from_logits(logits, labels)``:
+    computed from the logits row that scored ``token_ids[b, t]``.
 
-    ``critical_ids`` should hold the *first* token id of every variant of each
-    word (" Wait", "Wait", " wait", ...): the first sub-token is where the
-    choice is made.  Only positions with ``response_mask`` set count.  Returns
-    detached float64 (sum, count) so the caller can all-reduce both and report
-    the mean over all occurrences (sum / count).
+    Only positions with ``response_mask`` set count.  Returns detached float64
+    (sum, count) so the caller can all-reduce both and report the mean over all
+    occurrences (sum / count).
     """
+    if positions not in CRITICAL_POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(CRITICAL_POSITIONS)}, got {positions!r}")
     if not (entropy.shape == token_ids.shape == response_mask.shape):
         raise ValueError("entropy, token_ids and response_mask must share a shape")
-    if len(critical_ids) == 0:
-        z = torch.zeros((), dtype=torch.float64, device=entropy.device)
-        return z, z.clone()
-    ids = torch.as_tensor(sorted(set(int(i) for i in critical_ids)), dtype=token_ids.dtype, device=token_ids.device)
-    hit = torch.isin(token_ids, ids) & (response_mask != 0)
+    first, after = critical_masks(token_ids, response_mask, markers, separators)
+    hit = first if positions == "first" else after
     return _pair(masked_sum(entropy.to(torch.float64), hit), hit.sum().to(torch.float64))

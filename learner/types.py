@@ -12,6 +12,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("internvl", "qwen2_vl")
 # The paper's examples (R1V3 §1 "Wait", "Alternatively"; §6.2 "Hmm") and their usual kin (learner.critical_tokens).
 DEFAULT_CRITICAL_WORDS = ("Wait", "Alternatively", "Hmm", "But", "However", "Let me", "Actually", "Check")
+#: The two readings of critical-token entropy: at a marker's first token (`critical_entropy`) or at the token
+#: right after it (`critical_entropy_after`). Both are logged; learner.optim.critical_positions names the one
+#: checkpoint selection ranks by (services.selection).
+CRITICAL_POSITIONS = ("first", "after")
 DEFAULT_HIGH_ENTROPY = 1.0  # nats: the share of response tokens above it is logged beside the means
 
 
@@ -30,6 +34,7 @@ class LearnerConfig:
     seed: int = 0
     critical_words: list[str] = field(default_factory=lambda: list(DEFAULT_CRITICAL_WORDS))
     high_entropy: float = DEFAULT_HIGH_ENTROPY
+    critical_positions: str = "first"  # a name in CRITICAL_POSITIONS
 
 
 @dataclass

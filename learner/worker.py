@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from learner import algos
 from learner.checkpoint_files import OPTIMIZER, WEIGHTS, ShardReader, write_shards
-from learner.critical_tokens import (critical_token_ids,
-                                     entropy_metrics, entropy_stats)
+from learner.critical_tokens import (N_STATS, critical_markers, entropy_metrics, entropy_stats,
+                                     separator_ids)
 from learner.extensions import build_native_extensions
 from learner.param_groups import group_of, set_trainable
 from learner.schedules import lr_at
@@ -76,7 +76,8 @@ class LearnerWorker:
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.processor = AutoProcessor.from_pretrained(model_path)
-        self.critical_ids = sorted(critical_token_ids(self.processor.tokenizer, cfg.critical_words))
+        self.critical_markers = sorted(critical_markers(self.processor.tokenizer, cfg.critical_words))
+        self.separator_ids = separator_ids(self.processor.tokenizer)
         model = (self._load_partitioned(model_path) if self._partitioned() else
                  AutoModelForImageTextToText.from_pretrained(model_path, dtype=_torch_dtype(cfg.dtype)))
         if self.model_type not in (None, model.config.model_type):
@@ -258,7 +259,7 @@ class LearnerWorker:
             raise ValueError("training batch has no response tokens with weight > 0")
         updates = spec.loss.updates_per_batch
         stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ppo_kl_sum": 0.0}
-        entropy_sums, gap = [0.0] * 5, [0.0, 0.0, 0.0]
+        entropy_sums, gap = [0.0] * N_STATS, [0.0, 0.0, 0.0]
         old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
         for update in range(updates):
             for i, chunk in enumerate(micro):
@@ -297,7 +298,7 @@ class LearnerWorker:
         responses, the entropy figures of learner.critical_tokens."""
         samples = batch.samples or []
         global_tokens, _ = self._global_sum(self._counts(samples))
-        nll, entropy_sums = 0.0, [0.0] * 5
+        nll, entropy_sums = 0.0, [0.0] * N_STATS
         policy = self._policy()
         policy.eval()
         with torch.no_grad(), self._whole_before_a_stage():
@@ -310,7 +311,7 @@ class LearnerWorker:
         return {"loss": nll / max(global_tokens, 1.0), "tokens": global_tokens, **entropy_metrics(entropy_sums, "")}
 
     def _add_entropy_stats(self, sums: list[float], entropy, labels, mask) -> list[float]:
-        new = entropy_stats(entropy, labels, mask, self.critical_ids, self.cfg.high_entropy)
+        new = entropy_stats(entropy, labels, mask, self.critical_markers, self.cfg.high_entropy, self.separator_ids)
         return [a + b for a, b in zip(sums, new)]
 
     def _policy(self) -> torch.nn.Module:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from learner import algos
 from learner.schedules import LR_SCHEDULES
-from learner.types import ARCHITECTURES, DTYPES, GROUPS
+from learner.types import ARCHITECTURES, CRITICAL_POSITIONS, DTYPES, GROUPS
 from reward.benchmark import PROTOCOLS
 from reward.compose import ACCURACY_SCORERS, REWARD_KINDS
 from rollout.prompts import MAX_IMAGE_PIXELS
@@ -102,6 +102,9 @@ def validate(cfg: RunConfig) -> None:
         one_of(cfg.evaluation.mode, EVAL_MODES, "evaluation.mode"),
         (cfg.evaluation.max_tokens >= 1, "evaluation.max_tokens must be >= 1"),
         (cfg.evaluation.temperature >= 0, "evaluation.temperature must be >= 0"),
+        (cfg.evaluation.samples >= 0, "evaluation.samples must be >= 0 (0: no sampled responses)"),
+        (cfg.evaluation.sample_temperature > 0, "evaluation.sample_temperature must be > 0"),
+        one_of(cfg.learner.optim.critical_positions, CRITICAL_POSITIONS, "learner.optim.critical_positions"),
         (len(cfg.stages) >= 1, "stages must list at least one stage"),
         (cfg.checkpoint.keep_last >= 0 and cfg.checkpoint.keep_best >= 0, "checkpoint.keep_last/keep_best must be >= 0"),
         one_of(cfg.checkpoint.select_by, CRITERIA, "checkpoint.select_by"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from learner.types import TrainSample
@@ -29,13 +29,18 @@ EVAL_MODES = ("auto",) + mmmu.MODES
 class EvalConfig:
     """How held-out sets are judged, by `vireo eval` and during training (the run config's `evaluation`):
     protocol "" picks mmmu for MMMU-schema data and math otherwise; mode auto|official|strict|r1v3, where
-    auto (the default) is r1v3 when the system prompt asks for \\boxed{} (vireo's own does), else official."""
+    auto (the default) is r1v3 when the system prompt asks for \\boxed{} (vireo's own does), else official.
+    During training each problem also gets `samples` responses at `sample_temperature` (0: none): their
+    accuracy, and the entropy figures measured on them (a greedy answer that never reflects leaves
+    critical-token entropy undefined)."""
 
     protocol: str = ""
     mode: str = "auto"
     temperature: float = 0.0
     max_tokens: int = 48
     limit: int = 0
+    samples: int = 4
+    sample_temperature: float = 1.0
     before_train: bool = True  # evaluate the starting weights (verl's val_before_train); a run from a
     # checkpoint whose evaluation is already on record (bench/learning.py's arms) may skip it
 
@@ -105,8 +110,10 @@ def evaluate_problems(problems: list[Problem], generate: Generate, score: Score,
 
 @dataclass
 class EvalResult:
-    """One held-out set judged during training: the protocol's figures, and the learner's on the model's
-    own responses (entropy, critical-token entropy) and on the reference solutions (sft_loss)."""
+    """One held-out set judged during training: the protocol's figures on the greedy answers (accuracy) and
+    on `samples` sampled responses per problem (accuracy_sampled), and the learner's on the model's own
+    responses (entropy, critical-token entropy: on the sampled ones when there are any) and on the reference
+    solutions (sft_loss). `items`: one row per problem (id, subject, correct, sampled_correct)."""
 
     accuracy: float
     format_rate: float
@@ -118,18 +125,47 @@ class EvalResult:
     critical_entropy: float = float("nan")
     critical_token_rate: float = float("nan")
     high_entropy_fraction: float = float("nan")
+    accuracy_sampled: float = float("nan")
+    critical_entropy_after: float = float("nan")
+    items: list[dict] = field(default_factory=list, repr=False)
 
 
-LEARNER_FIGURES = ("sft_loss", "entropy", "critical_entropy", "critical_token_rate", "high_entropy_fraction")
+LEARNER_FIGURES = ("sft_loss", "entropy", "critical_entropy", "critical_entropy_after", "critical_token_rate",
+                   "high_entropy_fraction")
+
+
+def _correct(row: dict) -> int | None:
+    """A scored row's verdict as 0/1; None for a row the protocol skipped."""
+    return None if row.get("correct") is None else int(bool(row["correct"]))
+
+
+def _sampled(problems: list[Problem], options: EvalOptions, generate: Generate,
+             score: Score) -> tuple[list[Trajectory], dict[str, list[int]], float]:
+    """`options.samples` responses per problem at `options.sample_temperature` (one generate call), scored by
+    the same protocol as the greedy answers, each row as its own problem's (same id, so the protocol judges
+    it as that item): the trajectories, each problem's verdicts (0/1; rows the protocol skips left out) and
+    the accuracy over all scored samples."""
+    sampling = SamplingConfig(n=options.samples, temperature=options.sample_temperature,
+                              max_tokens=options.max_tokens, seed=options.seed)
+    trajectories = generate(problems, sampling)
+    by_id = {p.id: p for p in problems}
+    rows, summary = score([problem_row(by_id[t.prompt_id], t.response_text) for t in trajectories],
+                          protocol_for(problems, options.protocol), options.mode)
+    verdicts: dict[str, list[int]] = {p.id: [] for p in problems}
+    for t, row in zip(trajectories, rows):
+        if (verdict := _correct(row)) is not None:
+            verdicts[t.prompt_id].append(verdict)
+    return trajectories, verdicts, summary["accuracy"] if summary["scored"] else float("nan")
 
 
 def evaluate_with_learner(problems: list[Problem], options: EvalOptions, generate: Generate, score: Score,
                           evaluate_responses: Callable[[list[TrainSample]], dict[str, float]],
                           sft_sample: Callable[[Problem], TrainSample]) -> EvalResult:
     """Held-out accuracy as `vireo eval` computes it (evaluate_problems: the rollout actors generate, the
-    reward actor judges by the benchmark protocol), plus the learner's forward pass over the model's own
-    responses (the entropy figures, R1V3 §5.1) and over the reference solutions (the validation loss an SFT
-    stage's early stopping watches, R1V3 §3.4)."""
+    reward actor judges by the benchmark protocol), the same on `options.samples` sampled responses per
+    problem, plus the learner's forward pass over the model's own responses (the entropy figures, R1V3 §5.1:
+    on the sampled ones, else on the greedy ones) and over the reference solutions (the validation loss an
+    SFT stage's early stopping watches, R1V3 §3.4)."""
     responses: list[Trajectory] = []
 
     def generate_and_keep(batch: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
@@ -137,15 +173,23 @@ def evaluate_with_learner(problems: list[Problem], options: EvalOptions, generat
         responses.extend(out)
         return out
 
-    _, summary = evaluate_problems(problems, generate_and_keep, score, options)
+    rows, summary = evaluate_problems(problems, generate_and_keep, score, options)
+    verdicts: dict[str, list[int]] | None = None
+    accuracy_sampled = float("nan")
+    if options.samples > 0:
+        responses, verdicts, accuracy_sampled = _sampled(problems, options, generate, score)
     own = [TrainSample(t.prompt_token_ids, t.response_token_ids, t.images) for t in responses if t.response_token_ids]
     figures = evaluate_responses(own) if own else {}
     with_solution = [p for p in problems if p.solution]
     if with_solution:
         figures["sft_loss"] = evaluate_responses([sft_sample(p) for p in with_solution])["loss"]
+    items = [{"id": row["id"], "subject": row.get("subject"), "correct": _correct(row),
+              "sampled_correct": (sum(verdicts[row["id"]]) / len(verdicts[row["id"]])
+                                  if verdicts is not None and verdicts[row["id"]] else None)} for row in rows]
     return EvalResult(accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                       unparsed_rate=summary["unparsed_rate"], n=summary["scored"],
                       by_subject={s: v["acc"] for s, v in summary["subjects"].items()},
+                      accuracy_sampled=accuracy_sampled, items=items,
                       **{k: figures[k] for k in LEARNER_FIGURES if k in figures})
 
 

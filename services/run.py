@@ -35,8 +35,10 @@ from services.evaluation import (EvalOptions, EvalResult, evaluate_with_learner,
                                  rollout_requests, score_requests)
 from services.fleet import Fleet, RunDirNotShared
 from services.progress import StageProgress
-from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, METRICS_FILE, MODEL_DIR, REPORT_FILE,
-                              log_overrides, read_jsonl, sha256_file, to_json, write_atomic)
+from services.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, DATA_DIR, EVAL_ITEMS_DIR, METRICS_FILE, MODEL_DIR,
+                              REPORT_FILE, eval_items_file, log_overrides, read_jsonl, sha256_file, to_json,
+                              write_atomic)
+from services.scoring import write_jsonl
 from services.selection import checkpoint_ranking, record_selection
 from services.stages import EndRule, StageKind, get_stage_kind
 from services.tracking import Tracker, end_status, redacted, start_tracker
@@ -267,15 +269,24 @@ class Run:
                       "mode": resolve_mode(self.cfg.evaluation.mode, self.cfg.data.system_prompt)}
             report["eval"].append({"name": name, "stage": stage, "set": set_name, "step": step,
                                    "checkpoint": checkpoint, **judged, **asdict(result)})
+            report["eval"][-1]["items"] = self._write_eval_items(step, set_name, report["eval"][-1].pop("items"))
             self.log(f"[eval] {name} {set_name}: accuracy {result.accuracy:.3f} (format {result.format_rate:.3f}, "
                      f"critical-token entropy {result.critical_entropy:.3f}, n={result.n}) {result.by_subject}")
             figures = asdict(result)
             metrics.update({f"eval/{set_name}/{k}": figures[k] for k in (
-                "accuracy", "unparsed_rate", "sft_loss", "entropy", "critical_entropy", "critical_token_rate",
-                "high_entropy_fraction")})
+                "accuracy", "accuracy_sampled", "unparsed_rate", "sft_loss", "entropy", "critical_entropy",
+                "critical_entropy_after", "critical_token_rate", "high_entropy_fraction")})
             metrics[f"eval/{set_name}/format"] = result.format_rate
         self._write_report(report)  # a run that fails later keeps every evaluation
         return metrics
+
+    def _write_eval_items(self, step: int, set_name: str, items: list[dict]) -> str:
+        """One evaluation's per-problem rows, for paired comparisons between runs; returns the file's path
+        relative to the run directory (report["eval"][i]["items"])."""
+        (self.run_dir / EVAL_ITEMS_DIR).mkdir(exist_ok=True)
+        relative = eval_items_file(step, set_name)
+        write_jsonl(self.run_dir / relative, items)
+        return relative
 
     # ---- the run -----------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -3,6 +3,7 @@
 A run lives in RUN_DIR/: `config.yaml` (the resolved config, written once; a resume reads it back),
 `overrides.jsonl` (each resume's changes to it), `metrics.jsonl` (one row per step, services/tracking.py), `report.json` (rewritten after every evaluation and checkpoint),
 `selection.json` (`vireo select-checkpoint`), `curves.png` (MLflow), `checkpoints/` (services/checkpoints.py),
+`eval_items/` (each held-out evaluation's per-problem verdicts, `eval_items_file`),
 `.shared-check` (proof that learner rank 0's node sees the same directory) and, for the embedded default,
 the generated `model/` and `data/`.
 
@@ -25,9 +26,16 @@ REPORT_FILE = "report.json"
 SELECTION_FILE = "selection.json"
 CURVES_FILE = "curves.png"
 CHECKPOINTS_DIR = "checkpoints"
+EVAL_ITEMS_DIR = "eval_items"
 MODEL_DIR = "model"
 DATA_DIR = "data"
 SHARED_MARKER = ".shared-check"  # the driver writes it; learner rank 0 must read it back (services/fleet.py)
+
+
+def eval_items_file(step: int, set_name: str) -> str:
+    """Where, relative to the run directory, the evaluation of `set_name` at global step `step` writes its
+    per-problem rows ({id, subject, correct, sampled_correct} per line)."""
+    return f"{EVAL_ITEMS_DIR}/step{step:06d}-{set_name}.jsonl"
 
 
 class DamagedFile(ValueError):

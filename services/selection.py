@@ -20,16 +20,24 @@ def checkpoint_ranking(report: dict, metrics: list[dict], by: str) -> list[dict]
     if by not in CRITERIA:
         raise ValueError(f"unknown selection criterion {by!r}; known: {', '.join(CRITERIA)}")
     rewards = [(row["step"], row["reward/mean"]) for row in metrics if isinstance(row.get("reward/mean"), float | int)]
+    entropy_key = _critical_entropy_key(report)
     rows = []
     for ev in report.get("eval", []):
         if not ev.get("checkpoint") or ev.get("set", "heldout") != "heldout":
             continue
         recent = [r for step, r in rewards if ev["step"] - REWARD_WINDOW < step <= ev["step"]]
         rows.append({"step": ev["step"], "stage": ev.get("stage", ""), "checkpoint": ev["checkpoint"],
-                     "critical_entropy": _num(ev.get("critical_entropy")), "heldout_accuracy": _num(ev["accuracy"]),
+                     "critical_entropy": _num(ev.get(entropy_key)), "heldout_accuracy": _num(ev["accuracy"]),
                      "reward_mean": sum(recent) / len(recent) if recent else float("nan")})
     key = "reward_mean" if by == "reward" else by
     return sorted(rows, key=lambda r: (math.isnan(r[key]), -r[key] if not math.isnan(r[key]) else 0.0, -r["step"]))
+
+
+def _critical_entropy_key(report: dict) -> str:
+    """The evaluation figure the critical_entropy criterion reads: the run's learner.optim.critical_positions
+    reading (critical_entropy at a marker's first token, critical_entropy_after right after it)."""
+    positions = report.get("config", {}).get("learner", {}).get("optim", {}).get("critical_positions", "first")
+    return "critical_entropy_after" if positions == "after" else "critical_entropy"
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

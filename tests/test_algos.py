@@ -482,15 +482,20 @@ def test_critical_token_entropy():
     ent = torch.tensor([[0.5, 1.0, 2.0], [3.0, 4.0, 5.0]])
     ids = torch.tensor([[10, 7, 10], [7, 7, 3]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    # id 7 at (0,1)=1.0, (1,0)=3.0, (1,1)=4.0 -> (8.0, 3)
+    # id 7 at (0,1)=1.0, (1,0)=3.0; (1,1) right after (1,0) continues that occurrence -> (4.0, 2)
     s, c = critical_token_entropy(ent, ids, mask, {7})
-    assert (float(s), float(c)) == (8.0, 3.0)
+    assert (float(s), float(c)) == (4.0, 2.0)
     # adding id 3: its only occurrence (1,2) is padding -> unchanged
     s, c = critical_token_entropy(ent, ids, mask, [7, 3])
-    assert (float(s), float(c)) == (8.0, 3.0)
+    assert (float(s), float(c)) == (4.0, 2.0)
     # id 10 at (0,0)=0.5, (0,2)=2.0 -> (2.5, 2), mean 1.25
     pair = critical_token_entropy(ent, ids, mask, (10,))
     assert (float(pair[0]), float(pair[1])) == (2.5, 2.0)
+    # the whole sequence (10, 7) only at (0,0); the token after it (0,2)=2.0
+    s, c = critical_token_entropy(ent, ids, mask, [(10, 7)])
+    assert (float(s), float(c)) == (0.5, 1.0)
+    s, c = critical_token_entropy(ent, ids, mask, [(10, 7)], positions="after")
+    assert (float(s), float(c)) == (2.0, 1.0)
     s, c = critical_token_entropy(ent, ids, mask, set())
     assert (float(s), float(c)) == (0.0, 0.0)
     assert not s.requires_grad

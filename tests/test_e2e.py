@@ -93,6 +93,12 @@ def test_three_stages_report_and_metrics(three_stage_run):
     assert "critical_entropy_accuracy_spearman" in saved
     final_eval = [e for e in saved["eval"] if e["checkpoint"] == stages[-1]["checkpoint"]][0]
     assert final_eval["entropy"] > 0  # measured by the learner on the model's own held-out responses
+    items = read_jsonl(tmp_path / "run" / final_eval["items"])  # one row per problem, for paired comparisons
+    assert final_eval["items"] == "eval_items/step000045-heldout.jsonl" and len(items) == 16
+    assert set(items[0]) == {"id", "subject", "correct", "sampled_correct"}
+    assert sum(i["correct"] for i in items) / 16 == final_eval["accuracy"]
+    assert sum(i["sampled_correct"] for i in items) / 16 == pytest.approx(final_eval["accuracy_sampled"])
+    assert "critical_entropy_after" in final_eval
     assert saved["heldout_accuracy_final"] == stages[-1]["heldout_accuracy"] == report["heldout_accuracy_final"]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     grpo = [r for r in rows if "reward/mean" in r]

@@ -33,6 +33,17 @@ def test_ranking_by_each_criterion():
         checkpoint_ranking(report, METRICS, "loss")
 
 
+def test_the_critical_entropy_criterion_reads_the_runs_critical_positions():
+    """learner.optim.critical_positions=after ranks by the entropy right after the markers."""
+    report = _report()
+    for ev, after in zip(report["eval"], [float("nan"), 2.0, 0.1, 0.5, 0.3, 9.0]):
+        ev["critical_entropy_after"] = after
+    assert [r["step"] for r in checkpoint_ranking(report, METRICS, "critical_entropy")] == [20, 40, 30, 10]
+    report["config"] = {"learner": {"optim": {"critical_positions": "after"}}}
+    ranking = checkpoint_ranking(report, METRICS, "critical_entropy")
+    assert [r["step"] for r in ranking] == [10, 30, 40, 20] and ranking[0]["critical_entropy"] == 2.0
+
+
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
