@@ -150,7 +150,7 @@ def _sampled(problems: list[Problem], options: EvalOptions, generate: Generate,
     trajectories = generate(problems, sampling)
     by_id = {p.id: p for p in problems}
     rows, summary = score([problem_row(by_id[t.prompt_id], t.response_text) for t in trajectories],
-                          protocol_for(problems, options.protocol), options.mode)
+                          protocol_for(problems, options.protocol), resolve_mode(options.mode, options.system_prompt))
     verdicts: dict[str, list[int]] = {p.id: [] for p in problems}
     for t, row in zip(trajectories, rows):
         if (verdict := _correct(row)) is not None:

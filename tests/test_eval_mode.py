@@ -98,7 +98,8 @@ def _training_figure(problems, cfg: RunConfig, score) -> tuple[float, dict]:
         return evaluate_with_learner(batch, options, lambda ps, _: [_trajectory(p.id) for p in ps], score,
                                      lambda samples: {"loss": 0.0}, lambda problem: None)
 
-    run = SimpleNamespace(cfg=cfg, evaluate=evaluate, log=lambda *_: None, _write_report=lambda report: None)
+    run = SimpleNamespace(cfg=cfg, evaluate=evaluate, log=lambda *_: None, _write_report=lambda report: None,
+                          _write_eval_items=lambda step, set_name, items: "eval_items/stub.jsonl")
     report = {"eval": []}
     Run.evaluate_heldout(run, "final", 3, "grpo", {"heldout": problems}, report, checkpoint="ckpt")
     (entry,) = report["eval"]

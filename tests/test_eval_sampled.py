@@ -72,11 +72,12 @@ def test_without_samples_the_greedy_answers_are_measured():
 def test_each_heldout_evaluation_writes_its_items_beside_the_report(tmp_path):
     from types import SimpleNamespace
 
+    from services.config import RunConfig
     from services.run import Run
     from services.run_dir import EVAL_ITEMS_DIR, read_jsonl
 
     result, _ = _run(samples=4)
-    run = SimpleNamespace(run_dir=tmp_path, evaluate=lambda problems: result, log=lambda *_: None,
+    run = SimpleNamespace(run_dir=tmp_path, cfg=RunConfig(), evaluate=lambda problems: result, log=lambda *_: None,
                           _write_report=lambda report: None)
     run._write_eval_items = lambda *args: Run._write_eval_items(run, *args)
     report = {"eval": []}
