@@ -22,7 +22,7 @@ def _make_data(args) -> int:
 
     tasks = dict((k, float(v)) for k, v in (t.split("=") for t in args.tasks.split(",")))
     summary = make_dataset(args.out_dir, args.n_train, args.n_heldout, tasks, image_size=args.image_size,
-                           seed=args.seed)
+                           seed=args.seed, teacher_error_rate=args.teacher_error_rate, n_ood=args.n_ood)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tasks", default="color=1,count=1,count_plus=1")
     p.add_argument("--image-size", type=int, default=56)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-error-rate", type=float, default=0.0,
+                   help="training solutions from an imperfect teacher wrong on about this share, systematically")
+    p.add_argument("--n-ood", type=int, default=0, help="also write ood.parquet: problems outside the training range")
     p.set_defaults(func=_make_data)
     p = sub.add_parser("make-coldstart", help="cold-start SFT data by rejection sampling (R1V3 §2, §3.2)")
     p.add_argument("--model", required=True, help="HF checkpoint that generates the traces")

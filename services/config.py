@@ -33,15 +33,25 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """train/heldout: parquet files or directories (vireo, MMMU or math schema). When empty the
-    synthetic tasks are rendered into the run directory."""
+    synthetic tasks are rendered into the run directory.
+
+    ood: a second held-out set every evaluation of every stage also scores (named "ood"), unless a stage
+    lists its own held-out sets; filled with the synthetic ood.parquet when n_ood > 0 (problems outside the
+    training range: 4 shapes, addends 6-9, a smaller shape; services/data/synthetic.py). teacher_error_rate:
+    the synthetic training solutions (what SFT imitates) come from an imperfect teacher wrong on about this
+    share of them, systematically (on a hard subset of visible features); 0 keeps the perfect reference
+    solutions. The answers, hence rewards and evaluation, stay true either way."""
 
     train: str = ""
     heldout: str = ""
+    ood: str = ""
     tasks: dict[str, float] = field(default_factory=lambda: {"color": 1.0, "count": 1.0, "count_plus": 1.0})
     n_train: int = 2000
     n_heldout: int = 200
     image_size: int = 56
     seed: int = 0
+    teacher_error_rate: float = 0.0
+    n_ood: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
 

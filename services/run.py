@@ -54,6 +54,7 @@ class RunStopped(Exception):
         super().__init__(message)
         self.code = code
 PRIMARY_HELDOUT = "heldout"  # the name of a stage's first held-out set in metrics and the report
+OOD_HELDOUT = "ood"  # the name of data.ood's set (services.config.DataConfig)
 
 
 @dataclass
@@ -133,9 +134,11 @@ class Run:
 
             data = _built_once(self.run_dir / DATA_DIR, lambda out: make_dataset(
                 out, cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks, image_size=cfg.data.image_size,
-                seed=cfg.data.seed))
+                seed=cfg.data.seed, teacher_error_rate=cfg.data.teacher_error_rate, n_ood=cfg.data.n_ood))
             cfg.data.train = str(data / "train.parquet")
             cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
+            if cfg.data.n_ood > 0:
+                cfg.data.ood = cfg.data.ood or str(data / "ood.parquet")
         plans = [self._plan(stage) for stage in cfg.stages]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._record_config(config_text)
@@ -176,13 +179,20 @@ class Run:
                 raise DataError(f"{where}: no training problems left in {path} after the filter "
                                 f"{asdict(stage.data.filter)}")
             loaded.append(problems)
-        heldout_paths = stage.data.heldout or ([self.cfg.data.heldout] if self.cfg.data.heldout else [])
+        if stage.data.heldout:  # a stage's own sets: the first is the primary, the others named by file stem
+            named = [(PRIMARY_HELDOUT if i == 0 else Path(path).stem, path)
+                     for i, path in enumerate(stage.data.heldout)]
+        else:  # the run's: data.heldout, and data.ood (the out-of-distribution split) named "ood"
+            named = [(name, path) for name, path in ((PRIMARY_HELDOUT, self.cfg.data.heldout),
+                                                     (OOD_HELDOUT, self.cfg.data.ood)) if path]
+            if named and named[0][0] != PRIMARY_HELDOUT:
+                raise ConfigError("data.ood needs data.heldout: the primary held-out set comes first")
         heldout = {}
-        for i, path in enumerate(heldout_paths):
+        for name, path in named:
             problems = self._load(path, "heldout", False)
             if self.cfg.evaluation.limit:
                 problems = problems[:self.cfg.evaluation.limit]
-            heldout[PRIMARY_HELDOUT if i == 0 else Path(path).stem] = problems
+            heldout[name] = problems
         return StagePlan(stage, kind, loaded, [w for _, w in paths], heldout)
 
     def _load(self, path: str, split: str, require_solution: bool) -> list[Problem]:

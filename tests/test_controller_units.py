@@ -62,3 +62,34 @@ def test_stage_filter_and_mix_are_applied(tmp_path, tiny_model_dir, tiny_data_di
     assert {p.subject for source in plan.sources for p in source} == {"count"}
     with pytest.raises(ValueError, match="no training problems left"):
         _sft_on(train, tmp_path, tiny_model_dir, ["stages.0.data.filter.subject=[geometry]"]).prepare()
+
+
+def test_synthetic_ood_split_is_a_second_heldout_set_of_every_stage(tmp_path, tiny_model_dir):
+    cfg = load_config(None, [f"model.path={tiny_model_dir('internvl')}", "data.n_train=24", "data.n_heldout=8",
+                             "data.n_ood=6", "data.teacher_error_rate=0.3"])
+    run = Run(cfg, tmp_path / "run", log=lambda *_: None)
+    plans = run.prepare()
+    data = tmp_path / "run" / "data"
+    assert cfg.data.ood == str(data / "ood.parquet") and (data / "summary.json").is_file()
+    for plan in plans:
+        assert list(plan.heldout) == ["heldout", "ood"]
+        assert len(plan.heldout["ood"]) == 6 and all("-ood-" in p.id for p in plan.heldout["ood"])
+    # a stage that names its own held-out sets keeps them; without n_ood there is no ood set
+    own = Run(load_config(None, [f"model.path={tiny_model_dir('internvl')}", f"data.train={data / 'train.parquet'}",
+                                 f"data.heldout={data / 'heldout.parquet'}", f"data.ood={data / 'ood.parquet'}",
+                                 f"stages.0.data.heldout=[{data / 'heldout.parquet'}]"]),
+              tmp_path / "own", log=lambda *_: None)
+    assert list(own._plan(own.cfg.stages[0]).heldout) == ["heldout"]
+    plain = Run(load_config(None, [f"model.path={tiny_model_dir('internvl')}", "data.n_train=24", "data.n_heldout=8"]),
+                tmp_path / "plain", log=lambda *_: None)
+    assert [list(plan.heldout) for plan in plain.prepare()] == [["heldout"]] * len(plain.cfg.stages)
+    assert not (tmp_path / "plain" / "data" / "ood.parquet").exists() and plain.cfg.data.ood == ""
+
+
+@pytest.mark.parametrize("override, key", [("data.teacher_error_rate=1.0", "data.teacher_error_rate"),
+                                           ("data.n_ood=-1", "data.n_ood")])
+def test_teacher_and_ood_settings_are_checked(override, key):
+    from services.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])

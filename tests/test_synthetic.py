@@ -1,8 +1,10 @@
 """Synthetic tasks: deterministic, well-formed, answers that match the pixels, disjoint splits."""
 from __future__ import annotations
 
+import hashlib
+import random
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from services.data.problems import IMAGE_PLACEHOLDER
 from services.data.synthetic import (
     BACKGROUND,
     COLOURS,
+    MAX_ADDEND,
+    MAX_COUNT,
+    OOD_ADDENDS,
     SOURCE,
     TASKS,
     generate_problem,
@@ -20,6 +25,8 @@ from services.data.synthetic import (
     problem_key,
     reference_solution,
     sample_problems,
+    solution_answer,
+    teacher_plan,
 )
 
 ALL = {name: 1.0 for name in TASKS}
@@ -164,3 +171,130 @@ def test_make_dataset_writes_disjoint_splits(tmp_path) -> None:
     assert summary["heldout"]["by_difficulty"] == {1: 8, 2: 7, 3: 15}
     assert {problem_key(p) for p in train.problems}.isdisjoint(problem_key(p) for p in heldout.problems)
     assert {p.id for p in train.problems}.isdisjoint(p.id for p in heldout.problems)
+
+
+# ---- the imperfect teacher and the OOD split -----------------------------------------------------------------
+DEFAULT_TASKS = {"color": 1.0, "count": 1.0, "count_plus": 1.0}
+RATE0_DIGEST = "6d344b31a6a036a881dcb16718764ec1aa1a6d7a7477d95bbabb3a463c80a8f1"  # the data before the teacher
+
+
+def _features(problem, seed: int = 0, image_size: int = 56) -> dict:
+    """What a training problem's image and question show (its generator's draw replayed)."""
+    return dict(TASKS[problem.subject].generate(random.Random(f"{seed}:{problem.id}"), image_size).features)
+
+
+def _extent(image_bytes: bytes) -> int:
+    """Width of the bounding box of the non-background pixels."""
+    pixels = np.asarray(decode_image(image_bytes))
+    xs = np.nonzero(np.any(pixels != BACKGROUND, axis=-1))[1]
+    return int(xs.max() - xs.min() + 1)
+
+
+def test_rate_zero_keeps_todays_data() -> None:
+    digest = hashlib.sha256()
+    for p in sample_problems(ALL, 200, seed=0, teacher_error_rate=0.0):
+        digest.update(repr((p.id, p.question, p.answer, p.solution)).encode())
+    assert digest.hexdigest() == RATE0_DIGEST
+    assert generate_problem("count_plus", 3).solution == (
+        "<think>I count 3 shapes. Wait, let me count again. Yes, 3 shapes. 3 + 4 = 7.</think> \\boxed{7}")
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+def test_teacher_errs_at_its_rate_systematically_and_answers_stay_true(rate: float) -> None:
+    clean = sample_problems(ALL, 3200, seed=1)
+    taught = sample_problems(ALL, 3200, seed=1, teacher_error_rate=rate)
+    assert [dataclasses_without_solution(p) for p in taught] == [dataclasses_without_solution(p) for p in clean]
+    by_cell: dict[tuple, list] = defaultdict(list)
+    for p in taught:
+        assert re.fullmatch(r"<think>[^<>]+</think> \\boxed\{(\w+)\}", p.solution), p.solution
+        plan = teacher_plan(p.subject, rate)
+        by_cell[p.subject, plan.cell(_features(p, seed=1))].append(p)
+    for task in TASKS:
+        mine = [p for p in taught if p.subject == task]
+        share = sum(solution_answer(p.solution) != p.answer for p in mine) / len(mine)
+        assert abs(share - rate) < 0.06, (task, share)
+        assert abs(teacher_plan(task, rate).expected_error_share - rate) < 1e-9
+    for (task, cell), problems in by_cell.items():
+        wrong = [p for p in problems if solution_answer(p.solution) != p.answer]
+        if cell in teacher_plan(task, rate).hard:  # the teacher's mode is wrong there, but not always
+            assert 0.5 < len(wrong) / len(problems) < 1, (task, cell, len(wrong), len(problems))
+            if task in ("count", "count_plus"):  # one wrong answer per cell, the one the student will learn
+                assert len({solution_answer(p.solution) for p in wrong}) == 1, (task, cell)
+        else:
+            assert not wrong, (task, cell)
+
+
+def dataclasses_without_solution(problem):
+    return problem.id, problem.question, problem.answer, problem.options, problem.images
+
+
+def test_teacher_error_forms_and_reflection() -> None:
+    taught = sample_problems({"count": 1.0, "count_plus": 1.0}, 1200, seed=2, teacher_error_rate=0.3)
+    forms = Counter()
+    for p in taught:
+        f, boxed, right = _features(p, seed=2), solution_answer(p.solution), solution_answer(p.solution) == p.answer
+        counts = [int(c) for c in re.findall(r"I count (\d)", p.solution)]
+        if "Wait, let me count again. I count" in p.solution:  # a wrong first count, caught and corrected
+            assert counts[0] != counts[1] == f["n"] and right
+            forms["caught miscount"] += 1
+        elif "Wait, let me count again. Yes" in p.solution:  # a check on an actually hard count (3 shapes)
+            assert f["n"] == MAX_COUNT and counts == [MAX_COUNT] and right
+        elif "Wait" in p.solution:
+            assert p.subject == "count_plus" and right
+            forms["caught addition"] += 1
+        else:  # no reflection: an easy count, or an error that stands
+            assert counts and (counts[0] == f["n"] or (f["n"] == MAX_COUNT and counts[0] == MAX_COUNT - 1))
+        if not right:
+            if counts[0] != f["n"]:
+                forms["miscount"] += 1
+            elif p.subject == "count_plus" and "+" not in p.solution:
+                assert boxed == str(f["n"]) and f["k"] == MAX_ADDEND  # answered the count without adding
+                forms["dropped addend"] += 1
+            else:
+                assert p.subject == "count_plus" and f"= {f['n'] + f['k'] + 1}." in p.solution
+                forms["addition slip"] += 1
+    assert set(forms) == {"miscount", "dropped addend", "addition slip", "caught miscount", "caught addition"}
+    assert taught == sample_problems({"count": 1.0, "count_plus": 1.0}, 1200, seed=2, teacher_error_rate=0.3)
+
+
+def test_make_dataset_reports_the_teacher_and_keeps_heldout_clean(tmp_path) -> None:
+    summary = make_dataset(tmp_path, 900, 60, DEFAULT_TASKS, seed=3, teacher_error_rate=0.3)
+    train = load_problems(tmp_path / "train.parquet").problems
+    heldout = load_problems(tmp_path / "heldout.parquet").problems
+    for task in DEFAULT_TASKS:
+        mine = [p for p in train if p.subject == task]
+        share = sum(solution_answer(p.solution) != p.answer for p in mine) / len(mine)
+        assert summary["teacher"][task]["error_share"] == round(share, 4) and abs(share - 0.3) < 0.08
+        assert summary["teacher"][task]["hard"]
+    assert all(p.solution == reference_solution(p) for p in heldout)
+    assert not (tmp_path / "ood.parquet").exists() and "ood" not in summary
+    assert (tmp_path / "summary.json").is_file()
+    clean = make_dataset(tmp_path / "clean", 30, 10, DEFAULT_TASKS, seed=3)
+    assert clean["teacher"]["all"]["error_share"] == 0
+
+
+def test_ood_split_is_outside_the_training_range_and_disjoint(tmp_path) -> None:
+    summary = make_dataset(tmp_path, 400, 80, ALL, seed=4, n_ood=80)
+    splits = {name: load_problems(tmp_path / f"{name}.parquet").problems for name in ("train", "heldout", "ood")}
+    ood = splits["ood"]
+    assert len(ood) == summary["ood"]["n"] == 80 and {p.subject for p in ood} == set(ALL)
+    assert all("-ood-" in p.id and p.solution == reference_solution(p) for p in ood)
+    for name in ("train", "heldout"):
+        assert {problem_key(p) for p in ood}.isdisjoint(problem_key(p) for p in splits[name])
+        assert {p.id for p in ood}.isdisjoint(p.id for p in splits[name])
+    inside = splits["train"] + splits["heldout"]
+    smallest = min(_extent(p.images[0]) for p in inside if p.subject == "color")
+    for p in ood:
+        blobs, _ = _components(p.images[0])
+        if p.subject == "count":
+            assert p.answer == str(blobs) == str(MAX_COUNT + 1)
+        elif p.subject == "count_plus":
+            k = int(re.search(r"Add (\d+) to that number", p.question).group(1))
+            assert OOD_ADDENDS[0] <= k <= OOD_ADDENDS[1] and int(p.answer) == blobs + k and blobs <= MAX_COUNT
+        elif p.subject == "color_count":
+            assert blobs == MAX_COUNT + 1 and p.answer in ("0", str(MAX_COUNT + 1))
+        else:
+            assert _extent(p.images[0]) < smallest
+    assert all(int(p.answer) <= MAX_COUNT for p in inside if p.subject == "count")
+    assert all(int(re.search(r"Add (\d+)", p.question).group(1)) <= MAX_ADDEND for p in inside
+               if p.subject == "count_plus")
