@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -140,12 +141,11 @@ def build_seed(cfg, out: Path) -> dict[str, str]:
     if not model.is_dir():
         make_model(model, cfg.model.arch, cfg.model.seed)
     data = out / "data"
-    summary_path = data / "summary.json"
+    summary_path = data / "summary.json"  # make_dataset writes it last
     if not summary_path.is_file():
         d = cfg.data
-        summary = make_dataset(data, d.n_train, d.n_heldout, d.tasks, image_size=d.image_size, seed=d.seed,
-                               teacher_error_rate=d.teacher_error_rate, n_ood=d.n_ood)
-        summary_path.write_text(json.dumps(summary, indent=1, default=str))
+        make_dataset(data, d.n_train, d.n_heldout, d.tasks, image_size=d.image_size, seed=d.seed,
+                     teacher_error_rate=d.teacher_error_rate, n_ood=d.n_ood)
     return {"model": str(model), "data": str(data), "train": str(data / "train.parquet"),
             "heldout": str(data / "heldout.parquet"), "ood": str(data / "ood.parquet"),
             "summary": json.loads(summary_path.read_text())}
@@ -183,7 +183,7 @@ def arm_config(proof, arm: str, checkpoint: str):
     else:
         stage = grpo
     if arm == "random":
-        cfg.reward.kind = "random"
+        cfg.reward = dataclasses.replace(cfg.reward, kind="random")
     cfg.stages = [stage]
     cfg.model.path = checkpoint
     cfg.evaluation.before_train = False  # step 0 is the cold start's own final evaluation
@@ -447,7 +447,8 @@ def summarise(curves, proof, seeds, datasets, out: Path, plot_path: Path, starte
         "final_step": max(max(c.points) for arms in curves.values() for c in arms.values()),
         "eval_mode": next(iter(next(iter(curves.values())).values())).points[0][HELDOUT].get("mode"),
         "teacher_error_rate": proof.data.teacher_error_rate,
-        "teacher_error_share": {s: d.get("train", {}).get("teacher_error_share") for s, d in datasets.items()},
+        "teacher_error_share": {s: {task: t["error_share"] for task, t in d.get("teacher", {}).items()}
+                                for s, d in datasets.items()},
         "plot": str(plot(curves, plot_path)),
         "out": str(out),
         "minutes": round((time.time() - started) / 60, 1),

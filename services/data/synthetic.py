@@ -21,7 +21,6 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +33,7 @@ from PIL import Image, ImageDraw
 from rollout.prompts import decode_image
 from services.data.loading import LETTERS, describe, format_choices, write_problems
 from services.data.problems import IMAGE_PLACEHOLDER, Problem
+from services.run_dir import to_json, write_atomic
 
 SOURCE = "vireo-synthetic"
 BACKGROUND = (255, 255, 255)
@@ -552,7 +552,7 @@ def make_dataset(
         seen = [problem_key(p) for p in itertools.chain(heldout, train)]
         ood = sample_problems(tasks, n_ood, split="ood", seed=seed, image_size=image_size, exclude=seen, ood=True)
         summary["ood"] = {"path": str(write_problems(out_dir / "ood.parquet", ood)), **describe(ood)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "summary.json", to_json(summary, indent=1) + "\n")
     return summary
 
 
