@@ -167,6 +167,7 @@ def coldstart_config(proof):
     """The proof config's first stage alone: the seed's cold start, which every arm starts from."""
     cfg = copy.deepcopy(proof)
     cfg.stages = [cfg.stages[0]]
+    cfg.evaluation.before_train = False  # a random-init model: nothing to compare against
     return cfg
 
 
