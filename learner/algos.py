@@ -1,4 +1,4 @@
-"""GRPO building blocks: advantages, policy losses, KL estimators, entropy.
+"""GRPO building blocks: advantages, policy losses, KL estimators, off-policy corrections, entropy.
 
 Modelled on verl's ``verl/trainer/ppo/core_algos.py``: every advantage estimator,
 policy loss and KL estimator is a small, pure function registered by name, so a
@@ -51,15 +51,25 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "POLICY_LOSSES",
     "KL_ESTIMATORS",
+    "OFFPOLICY_CORRECTIONS",
+    "OFFPOLICY_THRESHOLDS",
     "LossAggMode",
     "LOSS_AGG_MODES",
     "StatPair",
     "register_advantage_estimator",
     "register_policy_loss",
     "register_kl_estimator",
+    "register_offpolicy_correction",
     "get_advantage_estimator",
     "get_policy_loss",
     "get_kl_estimator",
+    "get_offpolicy_correction",
+    "offpolicy_correction",
+    "behaviour_ratio",
+    "tis",
+    "mis",
+    "icepop",
+    "seq_mask_tis",
     "grpo",
     "expand_to_tokens",
     "ppo_clip",
@@ -92,6 +102,7 @@ LOSS_AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean")
 ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
 POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, Tensor | StatPair]]]] = Registry("policy loss")
 KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("KL estimator")
+OFFPOLICY_CORRECTIONS: Registry[Callable[..., tuple[Tensor, Tensor]]] = Registry("off-policy correction")
 
 
 def register_advantage_estimator(name: str) -> Callable[[F], F]:
@@ -101,13 +112,20 @@ def register_advantage_estimator(name: str) -> Callable[[F], F]:
 
 def register_policy_loss(name: str) -> Callable[[F], F]:
     """Register ``fn(logprobs, old_logprobs, advantages, response_mask, **options)
-    -> (loss, stats)`` under ``name``."""
+    -> (loss, stats)`` under ``name``.  A loss that off-policy corrections should apply to takes
+    ``offpolicy_weights`` (the learner passes it only when ``offpolicy_correction`` is not ``none``)."""
     return POLICY_LOSSES.register(name)
 
 
 def register_kl_estimator(name: str) -> Callable[[F], F]:
     """Register ``fn(logprobs, ref_logprobs) -> per-token Tensor`` under ``name``."""
     return KL_ESTIMATORS.register(name)
+
+
+def register_offpolicy_correction(name: str) -> Callable[[F], F]:
+    """Register ``fn(old_logprobs, behaviour_logprobs, response_mask, **thresholds) -> (weights, keep)``
+    under ``name`` (see :func:`offpolicy_correction`)."""
+    return OFFPOLICY_CORRECTIONS.register(name)
 
 
 def get_advantage_estimator(name: str) -> Callable[..., Tensor]:
@@ -123,6 +141,11 @@ def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, Tensor |
 def get_kl_estimator(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     """Look up a KL estimator; ``ValueError`` listing known names if absent."""
     return KL_ESTIMATORS.lookup(name)
+
+
+def get_offpolicy_correction(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Look up an off-policy correction; ``ValueError`` listing known names if absent."""
+    return OFFPOLICY_CORRECTIONS.lookup(name)
 
 
 # --------------------------------------------------------------------------- masked reductions
@@ -305,6 +328,7 @@ def ppo_clip(
     loss_token_count: float | Tensor | None = None,
     loss_seq_count: float | Tensor | None = None,
     loss_scale: float = 1.0,
+    offpolicy_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor | StatPair]]:
     """PPO clipped surrogate (the GRPO policy loss), all inputs ``[B, T]``.
 
@@ -317,6 +341,13 @@ def ppo_clip(
     and anomalous grad norms - kept only as an option.  ``clip_ratio_c`` (> 1)
     enables dual-clip (Ye et al. 2020): for ``A < 0`` the loss is additionally
     capped at ``-A·clip_ratio_c`` so a huge ratio on a bad token cannot blow up.
+
+    ``offpolicy_weights`` (``[B, T]``, detached; from :func:`offpolicy_correction`) multiply ``ℓ``
+    per token after the clip: the behaviour-policy correction ``w`` (0 on a masked token). The PPO
+    ratio ``ρ`` stays ``π_θ / π_old`` with ``old_logprobs`` the learner's own (proximal) logprobs;
+    ``w`` corrects from the engine's behaviour policy to ``π_old`` (decoupled PPO, Hilton et al.
+    2021).  A masked token still counts in the global normaliser (it adds 0 to the sum), as in
+    IcePop's ``1/Σ|y_i|``.  ``None`` (the default) leaves the loss untouched, bit for bit.
 
     Aggregation (:func:`aggregate_loss`) divides by the GLOBAL
     ``loss_token_count`` (token-mean) or ``loss_seq_count``
@@ -344,6 +375,9 @@ def ppo_clip(
             f"{tuple(logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(advantages.shape)}, "
             f"{tuple(response_mask.shape)}"
         )
+    if offpolicy_weights is not None and offpolicy_weights.shape != logprobs.shape:
+        raise ValueError(f"offpolicy_weights must have the shape {tuple(logprobs.shape)}, "
+                         f"got {tuple(offpolicy_weights.shape)}")
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (dual-clip lower bound), got {clip_ratio_c}")
 
@@ -366,6 +400,8 @@ def ppo_clip(
         per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
     else:
         dual = torch.zeros_like(keep)
+    if offpolicy_weights is not None:
+        per_token = per_token * torch.where(keep, offpolicy_weights.detach().to(per_token.dtype), zero)
 
     agg = aggregate_loss(
         per_token,
@@ -414,6 +450,124 @@ def sft(
     stats: dict[str, Tensor | StatPair] = {"pg_loss": agg.detach(), "pg_clipfrac": _pair(zero, n_tok),
                                            "ppo_kl": _pair(zero, n_tok)}
     return agg * loss_scale, stats
+
+
+# --------------------------------------------------------------------------- off-policy corrections
+
+#: The LossConfig fields that carry the corrections' thresholds, passed to every correction by name (each
+#: takes the ones it uses and ignores the others).
+OFFPOLICY_THRESHOLDS: tuple[str, ...] = ("offpolicy_is_cap", "offpolicy_low", "offpolicy_high",
+                                         "offpolicy_seq_low", "offpolicy_seq_high")
+
+
+def behaviour_ratio(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ρ_behav, keep)``: per token ``ρ_behav = exp(old_logprobs - behaviour_logprobs)`` =
+    ``π_old / π_behav`` (detached; the log-ratio zeroed off the mask and clamped to [-20, 20] like the
+    PPO ratio, so padding garbage cannot turn into inf/nan), and the boolean ``response_mask``."""
+    keep = response_mask != 0
+    zero = torch.zeros((), dtype=old_logprobs.dtype, device=old_logprobs.device)
+    log_rho = torch.where(keep, old_logprobs.detach() - behaviour_logprobs.detach().to(old_logprobs.dtype), zero)
+    return torch.exp(log_rho.clamp(-20.0, 20.0)), keep
+
+
+def _weighted(rho: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.where(keep, rho, torch.zeros_like(rho)), keep
+
+
+@register_offpolicy_correction("none")
+def no_correction(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor,
+                  **_thresholds: float) -> tuple[Tensor, Tensor]:
+    """No correction: ``w = 1`` on every response token (the engine's policy is taken to be ``π_old``)."""
+    keep = response_mask != 0
+    return keep.to(old_logprobs.dtype), keep
+
+
+@register_offpolicy_correction("tis")
+def tis(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *,
+        offpolicy_is_cap: float = 2.0, **_thresholds: float) -> tuple[Tensor, Tensor]:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; verl ``rollout_is=token``): ``w = min(ρ_behav, C)``, ``C =
+    offpolicy_is_cap``; nothing masked."""
+    rho, keep = behaviour_ratio(old_logprobs, behaviour_logprobs, response_mask)
+    return _weighted(rho.clamp(max=offpolicy_is_cap), keep)
+
+
+@register_offpolicy_correction("mis")
+def mis(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *,
+        offpolicy_high: float = 2.0, **_thresholds: float) -> tuple[Tensor, Tensor]:
+    """Token-level masked importance sampling (Liu, Li et al. 2025, "When Speed Kills Stability"):
+    ``w = ρ_behav · 1[ρ_behav <= offpolicy_high]``, i.e. like TIS but a token above the cap is dropped
+    instead of truncated. One-sided: only over-weighted tokens (the engine gave them far less probability
+    than the learner) are masked; a small ``ρ_behav`` is kept and just weighs little."""
+    rho, keep = behaviour_ratio(old_logprobs, behaviour_logprobs, response_mask)
+    return _weighted(rho, keep & (rho <= offpolicy_high))
+
+
+@register_offpolicy_correction("icepop")
+def icepop(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *,
+           offpolicy_low: float = 0.5, offpolicy_high: float = 2.0, **_thresholds: float) -> tuple[Tensor, Tensor]:
+    """IcePop (inclusionAI Ling team, Ring-1T, 2025): ``w = M(ρ_behav)`` with ``M(k) = k`` for ``k`` in
+    ``[offpolicy_low, offpolicy_high]`` and 0 outside. Two-sided: unlike ``mis``, a token the learner
+    finds far *less* likely than the engine did (``ρ_behav < offpolicy_low``) is dropped as well.
+    (The write-up's bounds are [0.5, 5.0].)"""
+    rho, keep = behaviour_ratio(old_logprobs, behaviour_logprobs, response_mask)
+    return _weighted(rho, keep & (rho >= offpolicy_low) & (rho <= offpolicy_high))
+
+
+@register_offpolicy_correction("seq_mask_tis")
+def seq_mask_tis(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, *,
+                 offpolicy_is_cap: float = 2.0, offpolicy_seq_low: float = 0.999, offpolicy_seq_high: float = 1.001,
+                 **_thresholds: float) -> tuple[Tensor, Tensor]:
+    """Sequence-level geometric rejection + token TIS (verl's Geo-RS, ``rollout_rs=geometric``, with
+    ``rollout_is=token``): a response whose geometric-mean ratio ``ρ_geo = exp(mean_t log ρ_behav,t)``
+    over its tokens lies outside ``[offpolicy_seq_low, offpolicy_seq_high]`` is masked whole; the tokens
+    of the others get ``w = min(ρ_behav, offpolicy_is_cap)``. The geometric mean is length-normalised,
+    hence verl's tight default bounds (±0.1%)."""
+    rho, keep = behaviour_ratio(old_logprobs, behaviour_logprobs, response_mask)
+    geo = torch.exp(masked_mean(torch.log(rho), keep, dim=-1))
+    seq_ok = (geo >= offpolicy_seq_low) & (geo <= offpolicy_seq_high)
+    return _weighted(rho.clamp(max=offpolicy_is_cap), keep & seq_ok[:, None])
+
+
+def offpolicy_correction(
+    name: str,
+    old_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    response_mask: Tensor,
+    has_behaviour: Tensor | None = None,
+    **thresholds: float,
+) -> tuple[Tensor, dict[str, StatPair]]:
+    """Per-token weights for :func:`ppo_clip`'s ``offpolicy_weights`` and the off-policy statistics.
+
+    ``old_logprobs`` are the learner's (proximal) logprobs of the sampled tokens, ``behaviour_logprobs``
+    the engine's as it sampled them (``TrainSample.rollout_logprobs``), ``has_behaviour`` (``[B, T]``
+    or ``[B]`` bool) where the latter exist; all ``[B, T]``. The registered correction ``name`` gives the
+    weights of the tokens that have behaviour logprobs; a response token without them (an SFT target,
+    a reference solution) gets weight 1; padding 0. ``thresholds``: :data:`OFFPOLICY_THRESHOLDS`.
+
+    Stats, ``(sum, count)`` over the response tokens that have behaviour logprobs (all-reduce both):
+
+    * ``is_ratio``: Σ ρ_behav;
+    * ``masked``: #tokens the correction masked (weight 0);
+    * ``behaviour_kl``: Σ k3 = Σ (ρ - log ρ - 1), the k3 estimate of KL(π_behav ‖ π_old) on tokens
+      sampled from π_behav (non-negative, low variance; verl's rollout-correction ``k3`` metric).
+    """
+    keep = response_mask != 0
+    if has_behaviour is None:
+        with_behaviour = keep
+    else:
+        has = has_behaviour.to(torch.bool)
+        with_behaviour = keep & (has[:, None] if has.dim() == 1 else has)
+    weights, kept = get_offpolicy_correction(name)(old_logprobs, behaviour_logprobs, with_behaviour, **thresholds)
+    weights = torch.where(with_behaviour, weights.detach(), keep.to(weights.dtype))
+    rho, _ = behaviour_ratio(old_logprobs, behaviour_logprobs, with_behaviour)
+    log_rho = torch.log(rho)
+    kl = torch.where(with_behaviour, rho - log_rho - 1.0, torch.zeros_like(rho))
+    n = with_behaviour.sum().to(torch.float64)
+    stats = {"is_ratio": _pair(masked_sum(rho, with_behaviour).to(torch.float64), n),
+             "masked": _pair((with_behaviour & ~kept).sum().to(torch.float64), n),
+             "behaviour_kl": _pair(kl.sum().to(torch.float64), n)}
+    return weights, stats
 
 
 # --------------------------------------------------------------------------- KL to a reference

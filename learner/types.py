@@ -85,6 +85,14 @@ class LossConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     updates_per_batch: int = 1
+    # Behaviour-policy correction: ρ = exp(learner's old logprob - engine's logprob) per sampled token
+    # (learner.algos OFFPOLICY_CORRECTIONS); the PPO ratio stays π_θ / π_old, the learner's own.
+    offpolicy_correction: str = "none"  # none | tis | mis | icepop | seq_mask_tis
+    offpolicy_is_cap: float = 2.0  # tis, seq_mask_tis: token weight min(ρ, cap)
+    offpolicy_low: float = 0.5  # icepop: a token with ρ below it is masked
+    offpolicy_high: float = 2.0  # mis, icepop: a token with ρ above it is masked
+    offpolicy_seq_low: float = 0.999  # seq_mask_tis: a response whose geometric-mean ρ is below it is masked
+    offpolicy_seq_high: float = 1.001  # seq_mask_tis: ... or above it
 
 
 @dataclass(frozen=True)

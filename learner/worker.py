@@ -258,8 +258,10 @@ class LearnerWorker:
         if global_tokens == 0:
             raise ValueError("training batch has no response tokens with weight > 0")
         updates = spec.loss.updates_per_batch
-        stats = {"loss": 0.0, "clip_sum": 0.0, "kl_sum": 0.0, "ppo_kl_sum": 0.0}
+        stats = dict.fromkeys(TRAIN_STATS, 0.0)
         entropy_sums, gap = [0.0] * N_STATS, [0.0, 0.0, 0.0]
+        # With one update the learner's old logprobs are those of this very forward (logprobs.detach(), the
+        # policy has not moved yet), so a correction needs no extra pass; with more they are computed first.
         old_logprobs = self._old_logprobs(micro, samples) if updates > 1 else None
         for update in range(updates):
             for i, chunk in enumerate(micro):
@@ -278,8 +280,9 @@ class LearnerWorker:
         self.stage_step += 1
         self._trained_since_sync.update(g for g, n in self.trainable_params.items() if n)
         grad_norm = self.engine.get_global_grad_norm()
-        loss, clip, kl, ppo_kl, gap_sum, gap_n, *entropy_sums = self._global_sum(
-            list(stats.values()) + gap[:2] + entropy_sums)
+        totals = self._global_sum(list(stats.values()) + gap[:2] + entropy_sums)
+        stats, (gap_sum, gap_n, *entropy_sums) = dict(zip(stats, totals)), totals[len(stats):]
+        loss, clip, kl, ppo_kl = stats["loss"], stats["clip_sum"], stats["kl_sum"], stats["ppo_kl_sum"]
         gap_max = torch.tensor([gap[2]], dtype=torch.float64)
         dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
         per_update_tokens = global_tokens * updates
@@ -290,7 +293,7 @@ class LearnerWorker:
                 **entropy_metrics(entropy_sums, "actor"),
                 "actor/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "actor/lr": self.engine.get_lr()[0], "train/tokens": global_tokens,
-                "train/sequences": global_seqs, **rollout_gap}
+                "train/sequences": global_seqs, **rollout_gap, **offpolicy_metrics(stats)}
 
     def evaluate_responses(self, batch: TrainBatch) -> dict[str, float]:
         """The current policy on given responses, no update: their token-mean NLL (on reference solutions,
@@ -354,9 +357,11 @@ class LearnerWorker:
         cfg = spec.loss
         normalisers = {"loss_agg_mode": cfg.loss_agg_mode, "loss_token_count": global_tokens,
                        "loss_seq_count": global_seqs}
+        weights = offpolicy_weights(cfg, chunk, old, mask, stats)
         loss, pg = algos.get_policy_loss(cfg.policy_loss)(
             logprobs, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-            loss_scale=self.world_size, **normalisers)
+            loss_scale=self.world_size, **normalisers,
+            **({"offpolicy_weights": weights} if weights is not None else {}))
         stats["loss"] += float(pg["pg_loss"])
         stats["clip_sum"] += float(pg["pg_clipfrac"][0])
         stats["ppo_kl_sum"] += float(pg["ppo_kl"][0])
@@ -531,6 +536,67 @@ def _stored_names(model: torch.nn.Module, keys: Iterable[str]) -> dict[str, str]
         raise NotImplementedError(f"{type(model).__name__}'s checkpoints convert tensors, not only names")
     own = dict.fromkeys(model.state_dict())
     return {rename_source_key(key, renamings, [], model.base_model_prefix, own)[0]: key for key in keys}
+
+
+#: The sums train_step accumulates over micro-batches and updates, then all-reduces: the loss figures, and
+#: the off-policy ones (offpolicy_weights) with their token count.
+TRAIN_STATS = ("loss", "clip_sum", "kl_sum", "ppo_kl_sum", "offpolicy_ratio_sum", "offpolicy_masked_sum",
+               "offpolicy_kl_sum", "offpolicy_tokens")
+
+
+def behaviour_logprobs(chunk: list[TrainSample], mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The engine's logprobs of a micro-batch laid out like the learner's ([B, T], response token j of
+    sample i at column len(prompt_i) - 1 + j, as LearnerWorker._model_inputs aligns them) and where they
+    exist ([B, T] bool: response tokens of samples that carry rollout_logprobs and count); None when no
+    sample carries them (an SFT batch, reference solutions)."""
+    values = torch.zeros(mask.shape, dtype=torch.float32)
+    has = torch.zeros(mask.shape, dtype=torch.bool)
+    for i, sample in enumerate(chunk):
+        if sample.rollout_logprobs is None or sample.weight == 0:
+            continue
+        if len(sample.rollout_logprobs) != len(sample.response_token_ids):
+            raise ValueError(f"a sample has {len(sample.rollout_logprobs)} rollout logprobs for "
+                             f"{len(sample.response_token_ids)} response tokens")
+        start = len(sample.prompt_token_ids) - 1
+        end = start + len(sample.response_token_ids)
+        values[i, start:end] = torch.tensor(sample.rollout_logprobs, dtype=torch.float32)
+        has[i, start:end] = True
+    if not has.any():
+        return None
+    return values.to(mask.device), has.to(mask.device) & (mask != 0)
+
+
+def offpolicy_weights(loss_cfg, chunk: list[TrainSample], old_logprobs: torch.Tensor, mask: torch.Tensor,
+                      stats: dict[str, float]) -> torch.Tensor | None:
+    """The behaviour-policy correction of a micro-batch (learner.algos.offpolicy_correction, the stage's
+    loss.offpolicy_correction) between the learner's old logprobs and the engine's: its per-token weights
+    for the policy loss, None when the correction is "none" (the loss stays bit-identical) or no sample
+    carries engine logprobs. The off-policy sums go into `stats` whenever engine logprobs are present, also
+    with "none", so a synchronous run shows its engine/learner mismatch."""
+    behaviour = behaviour_logprobs(chunk, mask)
+    if behaviour is None:
+        return None
+    values, has = behaviour
+    thresholds = {k: getattr(loss_cfg, k) for k in algos.OFFPOLICY_THRESHOLDS}
+    weights, off = algos.offpolicy_correction(loss_cfg.offpolicy_correction, old_logprobs.detach(), values, mask,
+                                              has, **thresholds)
+    stats["offpolicy_ratio_sum"] += float(off["is_ratio"][0])
+    stats["offpolicy_masked_sum"] += float(off["masked"][0])
+    stats["offpolicy_kl_sum"] += float(off["behaviour_kl"][0])
+    stats["offpolicy_tokens"] += float(off["is_ratio"][1])
+    return None if loss_cfg.offpolicy_correction == "none" else weights
+
+
+def offpolicy_metrics(stats: dict[str, float]) -> dict[str, float]:
+    """offpolicy/* from the all-reduced sums (absent when no trained token had engine logprobs):
+    is_ratio_mean (mean ρ_behav = π_old / π_engine), masked_fraction (share of those tokens the correction
+    gave weight 0), behaviour_kl (mean k3 = ρ - log ρ - 1, the estimate of KL(π_engine ‖ π_old))."""
+    n = stats["offpolicy_tokens"]
+    if not n:
+        return {}
+    return {"offpolicy/is_ratio_mean": stats["offpolicy_ratio_sum"] / n,
+            "offpolicy/masked_fraction": stats["offpolicy_masked_sum"] / n,
+            "offpolicy/behaviour_kl": stats["offpolicy_kl_sum"] / n}
 
 
 def _rollout_gap(chunk: list[TrainSample], logprobs: torch.Tensor) -> list[float]:

@@ -154,6 +154,17 @@ def validate(cfg: RunConfig) -> None:
             (stage.algo.kl_coef >= 0, f"{key}.algo.kl_coef must be >= 0"),
             (stage.algo.clip_low > 0 and stage.algo.clip_high > 0, f"{key}.algo.clip_low/clip_high must be > 0"),
             (stage.algo.updates_per_batch >= 1, f"{key}.algo.updates_per_batch must be >= 1"),
+            one_of(stage.algo.offpolicy_correction, algos.OFFPOLICY_CORRECTIONS, f"{key}.algo.offpolicy_correction"),
+            (stage.algo.offpolicy_is_cap >= 1, f"{key}.algo.offpolicy_is_cap must be >= 1 (an on-policy token, "
+             "ratio 1, keeps weight 1)"),
+            (0 < stage.algo.offpolicy_low <= 1 <= stage.algo.offpolicy_high,
+             f"{key}.algo.offpolicy_low/offpolicy_high must satisfy 0 < low <= 1 <= high"),
+            (0 < stage.algo.offpolicy_seq_low <= 1 <= stage.algo.offpolicy_seq_high,
+             f"{key}.algo.offpolicy_seq_low/offpolicy_seq_high must satisfy 0 < low <= 1 <= high"),
+            (stage.algo.offpolicy_correction == "none" or stage.kind not in STAGE_KINDS
+             or not STAGE_KINDS[stage.kind].samples or stage.sampling.temperature == 1.0,
+             f"{key}.algo.offpolicy_correction needs {key}.sampling.temperature 1.0: the engine reports raw "
+             "logprobs (before temperature), the learner's are at the sampling temperature"),
             (stage.end.max_steps >= 1, f"{key}.end.max_steps (the hard maximum) must be >= 1"),
             (stage.end.max_epochs >= 0, f"{key}.end.max_epochs must be >= 0"),
             one_of(stage.end.threshold.mode, ("above", "below"), f"{key}.end.threshold.mode"),

@@ -500,3 +500,186 @@ def test_critical_token_entropy():
     assert (float(s), float(c)) == (0.0, 0.0)
     assert not s.requires_grad
 
+
+
+# --------------------------------------------------------------------------- off-policy corrections
+
+# Learner (old) vs engine (behaviour) log-ratios d = old - behaviour of a hand-made batch; row 0 has three
+# response tokens (column 3 is padding, garbage there), row 1 four.
+#   row 0: ρ = exp(0.9) = 2.45960311, exp(-1.2) = 0.30119421, exp(0.3) = 1.34985881
+#   row 1: ρ = exp(0.1) = 1.10517092, exp(-0.05) = 0.95122942, exp(0) = 1, exp(0.02) = 1.02020134
+# geometric means: row 0 exp((0.9 - 1.2 + 0.3)/3) = 1; row 1 exp(0.07/4) = 1.01765
+_D = [[0.9, -1.2, 0.3, 0.0], [0.1, -0.05, 0.0, 0.02]]
+_R0 = [2.45960311, 0.30119421, 1.34985881, 0.0]
+_R1 = [1.10517092, 0.95122942, 1.0, 1.02020134]
+_THRESHOLDS = dict(offpolicy_is_cap=2.0, offpolicy_low=0.5, offpolicy_high=2.0, offpolicy_seq_low=0.999,
+                   offpolicy_seq_high=1.001)
+
+
+def _offpolicy_batch():
+    # The engine's logprobs differ per token; the learner's are the engine's plus d.
+    behaviour = torch.tensor([[-0.5, -2.0, -1.0, float("nan")], [-0.3, -0.7, -1.5, -0.1]], dtype=torch.float64)
+    old = behaviour + torch.tensor(_D, dtype=torch.float64)
+    old[0, 3] = -float("inf")
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]])
+    return old, behaviour, mask
+
+
+@pytest.mark.parametrize("name, weights, masked", [
+    # tis: min(ρ, 2) - 2.4596 is truncated to 2, nothing masked
+    ("tis", [[2.0, 0.30119421, 1.34985881, 0.0], _R1], 0),
+    # mis: ρ > 2 masked (2.4596), the small 0.3012 kept with weight ρ
+    ("mis", [[0.0, 0.30119421, 1.34985881, 0.0], _R1], 1),
+    # icepop: ρ outside [0.5, 2] masked at both ends: 2.4596 and 0.3012
+    ("icepop", [[0.0, 0.0, 1.34985881, 0.0], _R1], 2),
+    # seq_mask_tis: row 0's geometric mean 1 is inside [0.999, 1.001] -> min(ρ, 2); row 1's 1.01765 is not
+    ("seq_mask_tis", [[2.0, 0.30119421, 1.34985881, 0.0], [0.0, 0.0, 0.0, 0.0]], 4),
+    ("none", [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]], 0),
+])
+def test_offpolicy_corrections_hand_values(name, weights, masked):
+    old, behaviour, mask = _offpolicy_batch()
+    w, st = algos.offpolicy_correction(name, old, behaviour, mask, **_THRESHOLDS)
+    _close(w, weights, atol=1e-7)
+    assert not w.requires_grad
+    assert [float(v) for v in st["masked"]] == [float(masked), 7.0]
+    # Σρ over the 7 trained tokens = 8.18725781; k3 Σ(ρ - log ρ - 1) = 8.18725781 - 0.07 - 7 = 1.11725781
+    _close(st["is_ratio"][0], 8.18725781, atol=1e-7)
+    _close(st["behaviour_kl"][0], 1.11725781, atol=1e-7)
+    assert float(st["is_ratio"][1]) == 7.0 == float(st["behaviour_kl"][1])
+
+
+def test_offpolicy_registry_and_unknown_name_lists_choices():
+    assert set(algos.OFFPOLICY_CORRECTIONS) == {"none", "tis", "mis", "icepop", "seq_mask_tis"}
+    assert algos.get_offpolicy_correction("tis") is algos.tis
+    old, behaviour, mask = _offpolicy_batch()
+    with pytest.raises(ValueError) as ei:
+        algos.offpolicy_correction("tiss", old, behaviour, mask)
+    assert "tiss" in str(ei.value) and "icepop, mis, none, seq_mask_tis, tis" in str(ei.value)
+
+
+def test_seq_mask_tis_wider_bounds_keep_the_sequence_and_thresholds_are_used():
+    old, behaviour, mask = _offpolicy_batch()
+    w, _ = algos.offpolicy_correction("seq_mask_tis", old, behaviour, mask,
+                                      **{**_THRESHOLDS, "offpolicy_seq_low": 0.98, "offpolicy_seq_high": 1.02})
+    _close(w, [[2.0, 0.30119421, 1.34985881, 0.0], _R1], atol=1e-7)  # 1.01765 now inside: kept
+    w, st = algos.offpolicy_correction("tis", old, behaviour, mask, **{**_THRESHOLDS, "offpolicy_is_cap": 1.05})
+    _close(w, [[1.05, 0.30119421, 1.05, 0.0], [1.05, 0.95122942, 1.0, 1.02020134]], atol=1e-7)
+    w, st = algos.offpolicy_correction("icepop", old, behaviour, mask,
+                                       **{**_THRESHOLDS, "offpolicy_low": 0.25, "offpolicy_high": 3.0})
+    _close(w, [_R0, _R1], atol=1e-7)  # all inside [0.25, 3]
+    assert float(st["masked"][0]) == 0.0
+
+
+def test_offpolicy_tokens_without_behaviour_logprobs_get_weight_one():
+    # A third row (an SFT target or reference solution) carries no engine logprobs: weight 1, not in stats.
+    old, behaviour, mask = _offpolicy_batch()
+    old = torch.cat([old, torch.full((1, 4), -0.7, dtype=torch.float64)])
+    behaviour = torch.cat([behaviour, torch.zeros(1, 4, dtype=torch.float64)])  # placeholder values
+    mask = torch.cat([mask, torch.tensor([[1.0, 1, 0, 0]])])
+    has = torch.tensor([True, True, False])
+    w, st = algos.offpolicy_correction("icepop", old, behaviour, mask, has, **_THRESHOLDS)
+    _close(w, [[0.0, 0.0, 1.34985881, 0.0], _R1, [1.0, 1.0, 0.0, 0.0]], atol=1e-7)
+    assert [float(v) for v in st["masked"]] == [2.0, 7.0]
+
+
+def test_ppo_clip_offpolicy_weights_scale_the_pg_term_and_ratio_stays_on_old():
+    # The PPO ratio uses the learner's old logprobs: π_θ = 1.1·π_old on every token (unclipped for A > 0
+    # with clip 0.2); the correction's weight follows exp(old - behaviour) from the engine's logprobs.
+    old, behaviour, mask = _offpolicy_batch()
+    old = torch.where(mask != 0, old, torch.zeros_like(old))
+    lp = (old + math.log(1.1)).requires_grad_(True)
+    adv = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    w, _ = algos.offpolicy_correction("tis", old, behaviour, mask, **_THRESHOLDS)
+    loss, st = ppo_clip(lp, old, adv, mask, loss_token_count=7, offpolicy_weights=w)
+    # Σ w = (2 + 0.30119421 + 1.34985881) + (1.10517092 + 0.95122942 + 1 + 1.02020134) = 7.7276547
+    # ℓ = -A·ρ·w = -1.1·w -> loss = -1.1 · 7.7276547 / 7
+    _close(loss, -1.1 * 7.7276547 / 7, atol=1e-7)
+    _close(st["ratio_mean"][0] / st["ratio_mean"][1], 1.1)  # π_θ/π_old, not π_θ/π_behaviour
+    loss.backward()
+    _close(lp.grad, -1.1 * w / 7, atol=1e-7)  # dℓ/dlogp = -A·ρ·w / N
+
+
+def test_ppo_clip_without_offpolicy_weights_is_bit_identical_and_none_weights_too():
+    lp0, old, adv, mask = _random_batch()
+    kw = dict(clip_low=0.2, clip_high=0.28, clip_ratio_c=3.0, loss_token_count=mask.sum())
+    base, st0 = ppo_clip(lp0, old, adv, mask, **kw)
+    same, st1 = ppo_clip(lp0, old, adv, mask, offpolicy_weights=None, **kw)
+    ones, _ = algos.offpolicy_correction("none", old, old - 0.3, mask)
+    times_one, _ = ppo_clip(lp0, old, adv, mask, offpolicy_weights=ones, **kw)
+    assert torch.equal(base, same) and torch.equal(base, times_one)
+    assert all(torch.equal(torch.as_tensor(st0[k][0]), torch.as_tensor(st1[k][0])) for k in st0 if k != "pg_loss")
+    with pytest.raises(ValueError, match="offpolicy_weights"):
+        ppo_clip(lp0, old, adv, mask, offpolicy_weights=ones[:, :3], **kw)
+
+
+# --------------------------------------------------------------------------- the learner's wiring (no DeepSpeed)
+
+
+def _worker_chunk():
+    from learner.types import TrainSample
+
+    # prompt of 3 tokens -> the response's logprobs start at column 2 (the logits row before each token)
+    a = TrainSample([1, 2, 3], [4, 5, 6], advantage=1.0, rollout_logprobs=[-0.5, -2.0, -1.0])
+    b = TrainSample([1, 2], [7, 8, 9, 10], advantage=-1.0, rollout_logprobs=[-0.3, -0.7, -1.5, -0.1])
+    sft = TrainSample([1, 2, 3], [11], advantage=0.0)
+    mask = torch.zeros(3, 5)
+    mask[0, 2:5] = 1
+    mask[1, 1:5] = 1
+    mask[2, 2:3] = 1
+    return [a, b, sft], mask
+
+
+def test_worker_lays_out_the_engine_logprobs_like_its_own():
+    from learner.worker import behaviour_logprobs
+
+    chunk, mask = _worker_chunk()
+    values, has = behaviour_logprobs(chunk, mask)
+    _close(values, [[0, 0, -0.5, -2.0, -1.0], [0, -0.3, -0.7, -1.5, -0.1], [0, 0, 0, 0, 0]])
+    assert has.tolist() == [[False, False, True, True, True], [False, True, True, True, True], [False] * 5]
+    assert behaviour_logprobs([chunk[2]], mask[2:]) is None  # an SFT batch: nothing to compare
+    assert behaviour_logprobs([chunk[0].as_padding()], mask[:1] * 0) is None
+    with pytest.raises(ValueError, match="rollout logprobs"):
+        bad = _worker_chunk()[0][0]
+        bad.rollout_logprobs = [-1.0]
+        behaviour_logprobs([bad], mask[:1])
+
+
+@pytest.mark.parametrize("correction", ["none", "icepop"])
+def test_worker_policy_loss_applies_the_correction_and_sums_the_offpolicy_stats(correction):
+    from types import SimpleNamespace
+
+    from learner.types import LossConfig, StageSpec
+    from learner.worker import TRAIN_STATS, LearnerWorker, offpolicy_metrics
+
+    chunk, mask = _worker_chunk()
+    d = torch.zeros(3, 5)  # the learner's logprobs are the engine's plus row 0's d = (0.9, -1.2, 0.3)
+    d[0, 2:5] = torch.tensor([0.9, -1.2, 0.3])
+    behaviour = torch.zeros(3, 5)
+    behaviour[0, 2:5] = torch.tensor([-0.5, -2.0, -1.0])
+    behaviour[1, 1:5] = torch.tensor([-0.3, -0.7, -1.5, -0.1])
+    logprobs = (behaviour + d - 0.25 * (mask == 0)).requires_grad_(True)
+    logprobs_sft = torch.full((3, 5), -0.4)
+    logprobs = torch.where(torch.tensor([[False], [False], [True]]), logprobs_sft, logprobs)
+    spec = StageSpec("rl", loss=LossConfig(offpolicy_correction=correction))
+    worker = SimpleNamespace(device=torch.device("cpu"), world_size=2, ref_model=None)
+    stats = dict.fromkeys(TRAIN_STATS, 0.0)
+    loss = LearnerWorker._policy_loss(worker, spec, chunk, logprobs, mask, None, 8.0, 3.0, stats)
+    adv = torch.tensor([[1.0], [-1.0], [0.0]]) * mask
+    expected, _ = ppo_clip(logprobs, logprobs.detach(), adv, mask, loss_token_count=8.0, loss_scale=2,
+                           **({} if correction == "none" else {"offpolicy_weights": torch.tensor(
+                               [[0, 0, 0, 0, 1.34985881], [0, 1, 1, 1, 1], [0, 0, 1, 0, 0]])}))
+    if correction == "none":
+        assert torch.equal(loss, expected)  # bit-identical to the loss without any correction
+    else:
+        # on-policy PPO ratio 1: ℓ = -A·w; row 0 (A=1) keeps only the 1.34985881 token, row 1 (A=-1) all four
+        # tokens with ρ = 1, the SFT row's A is 0 -> Σℓ = -1.34985881 + 4, times world_size 2 over 8 tokens
+        _close(loss, 2 * (4 - 1.34985881) / 8, atol=1e-6)
+        _close(loss, expected, atol=1e-6)
+    # stats over the 7 tokens with engine logprobs, with either correction:
+    # Σρ = 2.45960311 + 0.30119421 + 1.34985881 + 4 = 8.11065613; k3: 0.55960311 + 0.50119421 + 0.04985881
+    masked = 0.0 if correction == "none" else 2.0
+    metrics = offpolicy_metrics(stats)
+    _close(metrics["offpolicy/is_ratio_mean"], 8.11065613 / 7, atol=1e-6)
+    _close(metrics["offpolicy/behaviour_kl"], 1.11065613 / 7, atol=1e-6)
+    assert metrics["offpolicy/masked_fraction"] == masked / 7
+    assert offpolicy_metrics(dict.fromkeys(TRAIN_STATS, 0.0)) == {}

@@ -14,6 +14,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     warm, rl = cfg.stages
     assert (warm.kind, warm.end.max_steps, rl.kind, rl.sampling.n) == ("sft", 9, "grpo", 4)
     assert rl.algo.clip_high == 0.28 and rl.algo.clip_low == 0.2 and rl.trainable == ["connector", "llm"]
+    assert rl.algo.offpolicy_correction == "none"  # today's loss unless a run asks for a correction
     assert cfg.reward.accuracy_weight == 0.8 and cfg.reward.format_weight == 0.2  # R1V3 §3.1
 
 
@@ -41,6 +42,14 @@ BAD_OVERRIDES = [  # (overrides, what the error must name)
     (["stages.0.sampling.max_tokens_schedule={0: 64}"], "max_tokens_schedule"),
     (["stages.0.end.early_stop.min_delta=-1"], "min_delta"),
     (["stages.0.algo.loss_agg_mode=bogus"], "loss_agg_mode"),
+    (["stages.0.algo.offpolicy_correction=tiss"],
+     "stages.0 (grpo).algo.offpolicy_correction must be one of ['icepop', 'mis', 'none', 'seq_mask_tis', 'tis']"),
+    (["stages.0.algo.offpolicy_is_cap=0.5"], "offpolicy_is_cap must be >= 1"),
+    (["stages.0.algo.offpolicy_low=0"], "offpolicy_low/offpolicy_high"),
+    (["stages.0.algo.offpolicy_high=0.9"], "offpolicy_low/offpolicy_high"),
+    (["stages.0.algo.offpolicy_seq_high=0.99"], "offpolicy_seq_low/offpolicy_seq_high"),
+    (["stages.0.algo.offpolicy_correction=tis", "stages.0.sampling.temperature=0.7"],
+     "offpolicy_correction needs stages.0 (grpo).sampling.temperature 1.0"),
     (["stages.rl.end.max_steps=3"], "no stage named 'rl'"),
     (["stages.x=1"], "no stage named 'x'"),
     (["rollout.bogus=1"], "bogus"),
