@@ -21,7 +21,8 @@ from services.run_dir import read_jsonl
 REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/entropy", "actor/critical_entropy",
             "actor/critical_token_rate", "actor/high_entropy_fraction", "actor/pg_clipfrac",
             "actor/kl", "response_length/mean", "sync/version", "sync/logprob_diff_max", "rollout/logprob_diff_max",
-            "rollout/logprob_diff_mean", "timing_s/gen",
+            "rollout/logprob_diff_mean", "offpolicy/is_ratio_mean", "offpolicy/masked_fraction",
+            "offpolicy/behaviour_kl", "timing_s/gen",
             "timing_s/reward", "timing_s/train", "timing_s/sync", "timing_s/step", "perf/tokens_per_s"]
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -108,6 +109,10 @@ def test_three_stages_report_and_metrics(three_stage_run):
         assert not missing, missing
         assert row["sync/logprob_diff_max"] < 1e-3  # float32 on both sides
         assert row["rollout/logprob_diff_max"] < 1e-3  # the learner trains the policy that sampled
+        # synchronous: the engine sampled with the learner's weights, so the behaviour ratio is 1 and nothing is
+        # masked (algo.offpolicy_correction none still measures it)
+        assert row["offpolicy/is_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert row["offpolicy/masked_fraction"] == 0.0 and abs(row["offpolicy/behaviour_kl"]) < 1e-5
     # the SFT stage syncs once, for its end-of-stage evaluation; then one version per GRPO step
     assert [r["sync/version"] for r in grpo] == [2, 3, 4]
     events = [(r["event"], r["stage"], r["step"]) for r in rows if "event" in r]
