@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from transformers import AutoModelForImageTextToText
 
 from learner.param_groups import group_of
 from fleets import FLEET_LAYOUT, run_on
+from mmmu_layout import mmmu_row, write_mmmu
 
 from services.checks import load_config
 from services.run import Run
@@ -24,27 +23,12 @@ REQUIRED = ["step", "reward/mean", "reward/accuracy", "reward/format", "actor/en
             "rollout/logprob_diff_mean", "offpolicy/is_ratio_mean", "offpolicy/masked_fraction",
             "offpolicy/behaviour_kl", "timing_s/gen",
             "timing_s/reward", "timing_s/train", "timing_s/sync", "timing_s/step", "perf/tokens_per_s"]
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def write_mmmu_layout(problems, path) -> str:
-    """Synthetic problems in MMMU's published layout: `<image 1>`, options as a literal string, struct
-    image columns, multiple-choice and open rows."""
-    rows = []
-    for i, p in enumerate(problems):
-        question = p.question.replace("<image>", "<image 1>").split("\nA. ")[0]
-        rows.append({"id": f"validation_Math_{i + 1}", "question": question,
-                     "options": str(list(p.options)), "explanation": "", "img_type": "['Diagrams']",
-                     "answer": p.answer, "topic_difficulty": "Easy",
-                     "question_type": "multiple-choice" if p.options else "open", "subfield": "Counting",
-                     "image_1": {"bytes": p.images[0], "path": "1.png"},
-                     **{f"image_{k}": None for k in range(2, 8)}})
-    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.string()),
-                        ("explanation", pa.string()), *[(f"image_{k}", IMAGE) for k in range(1, 8)],
-                        ("img_type", pa.string()), ("answer", pa.string()), ("topic_difficulty", pa.string()),
-                        ("question_type", pa.string()), ("subfield", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return str(path)
+    """Synthetic problems in MMMU's published layout, multiple-choice and open rows."""
+    return write_mmmu([mmmu_row(i + 1, p.question.replace("<image>", "<image 1>").split("\nA. ")[0], list(p.options),
+                                p.answer, p.images[0]) for i, p in enumerate(problems)], path)
 
 
 def _run(tmp_path, model, train, heldout, stages_yaml: str, extra=(), fleet=None):

@@ -12,12 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from actors.reward_actor import RewardActor
+from mmmu_layout import mmmu_row, write_mmmu
 from reward.compose import RewardConfig
 from rollout.prompts import DEFAULT_SYSTEM_PROMPT
 from rollout.types import Trajectory
@@ -26,8 +25,6 @@ from services.config import ConfigError, RunConfig
 from services.data.loading import load_problems
 from services.evaluation import EvalOptions, evaluate_model, evaluate_with_learner, resolve_mode
 from services.run import Run
-
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def _png() -> bytes:
@@ -50,19 +47,9 @@ ROWS = [
 
 
 def _write_mmmu(path: Path) -> str:
-    """MMMU's published layout: `<image 1>`, options as a Python-literal string, struct image columns."""
     png = _png()
-    rows = [{"id": f"validation_Math_{i + 1}", "question": f"Question {i + 1} about <image 1>.",
-             "options": str(options), "explanation": "", "img_type": "['Diagrams']", "answer": answer,
-             "topic_difficulty": "Easy", "question_type": kind, "subfield": "Counting",
-             "image_1": {"bytes": png, "path": "1.png"}, **{f"image_{k}": None for k in range(2, 8)}}
-            for i, (kind, options, answer, _) in enumerate(ROWS)]
-    schema = pa.schema([("id", pa.string()), ("question", pa.string()), ("options", pa.string()),
-                        ("explanation", pa.string()), *[(f"image_{k}", IMAGE) for k in range(1, 8)],
-                        ("img_type", pa.string()), ("answer", pa.string()), ("topic_difficulty", pa.string()),
-                        ("question_type", pa.string()), ("subfield", pa.string())])
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
-    return str(path)
+    return write_mmmu([mmmu_row(i + 1, f"Question {i + 1} about <image 1>.", options, answer, png)
+                       for i, (_, options, answer, _) in enumerate(ROWS)], path)
 
 
 def _response_of(problem_id: str) -> str:
