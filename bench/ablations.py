@@ -136,6 +136,9 @@ def main(argv: list[str]) -> dict:
 
 def run_seed(bench: Bench, proof, names: list[str], out: Path) -> dict[str, Curve]:
     checkpoint, start, _ = cold_start(bench, proof, out)
+    # the findings compare greedy held-out accuracy: the arms skip the sampled responses and the OOD set
+    # (a greedy answer does not depend on them; the rl and sft arms of a bench.learning directory keep theirs)
+    proof.evaluation.samples, proof.data.ood = 0, ""
     starts, checkpoints = {"coldstart": start}, {"coldstart": checkpoint}
     curves: dict[str, Curve] = {}
     for name in names:

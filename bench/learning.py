@@ -323,7 +323,8 @@ def _round(value: float, digits: int = 3):
 # ---- output ---------------------------------------------------------------------------------------
 def curve_table(curves: dict[int, dict[str, Curve]]) -> str:
     steps = sorted({s for arms in curves.values() for c in arms.values() for s in c.points})
-    head = f"{'seed':<6}{'arm':<8}{'set':<9}{'figure':<10}" + "".join(f"{s:>8}" for s in steps)
+    width = max(8, *(len(name) + 2 for arms in curves.values() for name in arms))
+    head = f"{'seed':<6}{'arm':<{width}}{'set':<9}{'figure':<10}" + "".join(f"{s:>8}" for s in steps)
     lines = [head]
     for seed, arms in curves.items():
         for name, c in arms.items():
@@ -334,7 +335,7 @@ def curve_table(curves: dict[int, dict[str, Curve]]) -> str:
                     vals = [c.points.get(s, {}).get(set_name, {}).get(key) for s in steps]
                     if all(v is None for v in vals):
                         continue
-                    lines.append(f"{seed:<6}{name:<8}{set_name:<9}{label:<10}"
+                    lines.append(f"{seed:<6}{name:<{width}}{set_name:<9}{label:<10}"
                                  + "".join(f"{v:>8.3f}" if isinstance(v, int | float) else f"{'-':>8}" for v in vals))
     return "\n".join(lines)
 
