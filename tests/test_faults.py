@@ -36,7 +36,9 @@ def _config(tmp_path, model, data, extra=()):
     path.write_text(GRPO_ONLY)
     return load_config(str(path), [f"model.path={model}", f"data.train={data}/train.parquet",
                                    f"data.heldout={data}/heldout.parquet", "evaluation.max_tokens=8",
-                                   "reward.workers=1", "learner.optim.micro_batch_size=24", *extra])
+                                   "reward.workers=1", "learner.optim.micro_batch_size=24",
+                                   "evaluation.samples=0",  # every n > 1 generate call is then a GRPO rollout
+                                   *extra])
 
 
 def _pid(actor) -> int:

@@ -139,6 +139,7 @@ def test_a_run_whose_mlflow_server_is_killed_mid_run_goes_on_counting_the_errors
     path.write_text(ONE_STAGE)
     cfg = load_config(str(path), [f"model.path={tiny_model_dir('internvl')}", f"data.train={tiny_data_dir}/train.parquet",
                                   f"data.heldout={tiny_data_dir}/heldout.parquet", "evaluation.max_tokens=8",
+                                  "evaluation.samples=0",  # every n > 1 generate call is then a GRPO rollout
                                   "reward.workers=1", "tracking.backends=[jsonl,mlflow]",
                                   f"tracking.mlflow.tracking_uri=http://127.0.0.1:{port}", *FLEET_LAYOUT])
     rollouts = []
