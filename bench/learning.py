@@ -145,7 +145,7 @@ def build_seed(cfg, out: Path) -> dict[str, str]:
     if not summary_path.is_file():
         d = cfg.data
         make_dataset(data, d.n_train, d.n_heldout, d.tasks, image_size=d.image_size, seed=d.seed,
-                     teacher_error_rate=d.teacher_error_rate, n_ood=d.n_ood)
+                     teacher_error_rate=d.teacher_error_rate, n_ood=d.n_ood, teacher_wrong=tuple(d.teacher_wrong))
     return {"model": str(model), "data": str(data), "train": str(data / "train.parquet"),
             "heldout": str(data / "heldout.parquet"), "ood": str(data / "ood.parquet"),
             "summary": json.loads(summary_path.read_text())}
@@ -449,6 +449,7 @@ def summarise(curves, proof, seeds, datasets, out: Path, plot_path: Path, starte
         "final_step": max(max(c.points) for arms in curves.values() for c in arms.values()),
         "eval_mode": next(iter(next(iter(curves.values())).values())).points[0][HELDOUT].get("mode"),
         "teacher_error_rate": proof.data.teacher_error_rate,
+        "teacher_wrong": list(proof.data.teacher_wrong),
         "teacher_error_share": {s: {task: t["error_share"] for task, t in d.get("teacher", {}).items()}
                                 for s, d in datasets.items()},
         "plot": str(plot(curves, plot_path)),

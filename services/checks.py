@@ -62,6 +62,8 @@ def validate(cfg: RunConfig) -> None:
         (data.n_train >= 1 and data.n_heldout >= 1, "data.n_train and data.n_heldout must be >= 1"),
         (data.n_ood >= 0, f"data.n_ood must be >= 0, got {data.n_ood}"),
         (0 <= data.teacher_error_rate < 1, f"data.teacher_error_rate must be in [0, 1), got {data.teacher_error_rate}"),
+        (len(data.teacher_wrong) == 3 and 0.5 < data.teacher_wrong[0] <= data.teacher_wrong[1] <= data.teacher_wrong[2] < 1,
+         f"data.teacher_wrong must be [min, target, max] with 0.5 < min <= target <= max < 1, got {list(data.teacher_wrong)}"),
         (MIN_IMAGE_SIZE <= data.image_size and data.image_size**2 <= MAX_IMAGE_PIXELS,
          f"data.image_size must be in [{MIN_IMAGE_SIZE}, {math.isqrt(MAX_IMAGE_PIXELS)}], got {data.image_size}"),
         (set(data.tasks) <= set(TASKS), f"data.tasks names must be in {sorted(TASKS)}, got {sorted(data.tasks)}"),

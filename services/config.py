@@ -17,6 +17,7 @@ from rollout.prompts import DEFAULT_SYSTEM_PROMPT
 from rollout.types import Sampling
 from rollout.vllm_adapter import EngineOptions
 from services.checkpoints import CheckpointConfig
+from services.data.synthetic import TEACHER_WRONG
 from services.evaluation import EvalConfig
 
 
@@ -40,7 +41,10 @@ class DataConfig:
     training range: 4 shapes, addends 6-9, a smaller shape; services/data/synthetic.py). teacher_error_rate:
     the synthetic training solutions (what SFT imitates) come from an imperfect teacher wrong on about this
     share of them, systematically (on a hard subset of visible features); 0 keeps the perfect reference
-    solutions. The answers, hence rewards and evaluation, stay true either way."""
+    solutions. The answers, hence rewards and evaluation, stay true either way. teacher_wrong: [min, target,
+    max] of how often that teacher is wrong on a problem of its hard subset (> 0.5: its mode there is wrong;
+    the rest of the subset's traces are right, half of them a wrong first step caught by a check); the
+    lower it is, the more right traces a cold start leaves for RL to find."""
 
     train: str = ""
     heldout: str = ""
@@ -51,6 +55,7 @@ class DataConfig:
     image_size: int = 56
     seed: int = 0
     teacher_error_rate: float = 0.0
+    teacher_wrong: list[float] = field(default_factory=lambda: list(TEACHER_WRONG))
     n_ood: int = 0
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 

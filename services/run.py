@@ -134,7 +134,8 @@ class Run:
 
             data = _built_once(self.run_dir / DATA_DIR, lambda out: make_dataset(
                 out, cfg.data.n_train, cfg.data.n_heldout, cfg.data.tasks, image_size=cfg.data.image_size,
-                seed=cfg.data.seed, teacher_error_rate=cfg.data.teacher_error_rate, n_ood=cfg.data.n_ood))
+                seed=cfg.data.seed, teacher_error_rate=cfg.data.teacher_error_rate, n_ood=cfg.data.n_ood,
+                teacher_wrong=tuple(cfg.data.teacher_wrong)))
             cfg.data.train = str(data / "train.parquet")
             cfg.data.heldout = cfg.data.heldout or str(data / "heldout.parquet")
             if cfg.data.n_ood > 0:

@@ -87,7 +87,9 @@ def test_synthetic_ood_split_is_a_second_heldout_set_of_every_stage(tmp_path, ti
 
 
 @pytest.mark.parametrize("override, key", [("data.teacher_error_rate=1.0", "data.teacher_error_rate"),
-                                           ("data.n_ood=-1", "data.n_ood")])
+                                           ("data.n_ood=-1", "data.n_ood"),
+                                           ("data.teacher_wrong=[0.5,0.6,0.7]", "data.teacher_wrong"),
+                                           ("data.teacher_wrong=[0.6,0.7]", "data.teacher_wrong")])
 def test_teacher_and_ood_settings_are_checked(override, key):
     from services.config import ConfigError
 

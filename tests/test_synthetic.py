@@ -17,7 +17,6 @@ from services.data.synthetic import (
     COLOURS,
     MAX_ADDEND,
     MAX_COUNT,
-    OOD_ADDENDS,
     SOURCE,
     TASKS,
     generate_problem,
@@ -183,6 +182,22 @@ def _features(problem, seed: int = 0, image_size: int = 56) -> dict:
     return dict(TASKS[problem.subject].generate(random.Random(f"{seed}:{problem.id}"), image_size).features)
 
 
+def _shape_masks(image_bytes: bytes) -> list[np.ndarray]:
+    """Each drawn shape's pixels, cropped to its bounding box (one shape per cell of the 2x2 grid)."""
+    mask = np.any(np.asarray(decode_image(image_bytes)) != BACKGROUND, axis=-1)
+    half = mask.shape[0] // 2
+    cells = [mask[y:y + half, x:x + half] for y in (0, half) for x in (0, half)]
+    return [c[np.ix_(np.any(c, axis=1), np.any(c, axis=0))] for c in cells if c.any()]
+
+
+def _is_diamond(shape: np.ndarray) -> bool:
+    """A diamond fills about half its box and is widest in its middle row (a triangle is widest at the base,
+    a square and a circle fill more)."""
+    widths = shape.sum(axis=1)
+    fill = shape.mean()
+    return bool(0.4 < fill < 0.65 and abs(int(np.argmax(widths)) - (len(widths) - 1) / 2) <= 1)
+
+
 def _extent(image_bytes: bytes) -> int:
     """Width of the bounding box of the non-background pixels."""
     pixels = np.asarray(decode_image(image_bytes))
@@ -222,6 +237,24 @@ def test_teacher_errs_at_its_rate_systematically_and_answers_stay_true(rate: flo
                 assert len({solution_answer(p.solution) for p in wrong}) == 1, (task, cell)
         else:
             assert not wrong, (task, cell)
+
+
+def test_teacher_wrong_band_sets_how_often_the_hard_subset_is_wrong() -> None:
+    """data.teacher_wrong moves the within-hard-cell wrong probability into its band at the same error rate:
+    more right traces where the teacher errs, its mode there still wrong."""
+    band = (0.55, 0.6, 0.7)
+    for task in ("color", "count", "count_plus"):
+        plan = teacher_plan(task, 0.3, band)
+        assert band[0] <= plan.wrong <= band[2] and abs(plan.expected_error_share - 0.3) < 1e-9
+        assert teacher_plan(task, 0.3).wrong >= plan.wrong
+    assert teacher_plan("count", 0.3).wrong == pytest.approx(0.9) and teacher_plan("count", 0.3, band).wrong == pytest.approx(0.675)
+    taught = sample_problems({"count": 1.0}, 2000, seed=5, teacher_error_rate=0.3, teacher_wrong=band)
+    plan = teacher_plan("count", 0.3, band)
+    hard = [p for p in taught if plan.cell(_features(p, seed=5)) in plan.hard]
+    wrong = sum(solution_answer(p.solution) != p.answer for p in hard) / len(hard)
+    assert abs(wrong - plan.wrong) < 0.05, wrong
+    with pytest.raises(ValueError, match="teacher_wrong"):
+        teacher_plan("count", 0.3, (0.4, 0.6, 0.7))
 
 
 def dataclasses_without_solution(problem):
@@ -286,15 +319,18 @@ def test_ood_split_is_outside_the_training_range_and_disjoint(tmp_path) -> None:
     smallest = min(_extent(p.images[0]) for p in inside if p.subject == "color")
     for p in ood:
         blobs, _ = _components(p.images[0])
+        if p.subject == "color":
+            assert _extent(p.images[0]) < smallest
+            continue
+        assert 1 <= blobs <= MAX_COUNT and all(_is_diamond(shape) for shape in _shape_masks(p.images[0]))
         if p.subject == "count":
-            assert p.answer == str(blobs) == str(MAX_COUNT + 1)
+            assert p.answer == str(blobs)
         elif p.subject == "count_plus":
             k = int(re.search(r"Add (\d+) to that number", p.question).group(1))
-            assert OOD_ADDENDS[0] <= k <= OOD_ADDENDS[1] and int(p.answer) == blobs + k and blobs <= MAX_COUNT
-        elif p.subject == "color_count":
-            assert blobs == MAX_COUNT + 1 and p.answer in ("0", str(MAX_COUNT + 1))
+            assert 1 <= k <= MAX_ADDEND and int(p.answer) == blobs + k
         else:
-            assert _extent(p.images[0]) < smallest
+            assert p.answer in ("0", str(blobs))
+    assert not any(_is_diamond(shape) for p in inside if p.subject != "color" for shape in _shape_masks(p.images[0]))
     assert all(int(p.answer) <= MAX_COUNT for p in inside if p.subject == "count")
     assert all(int(re.search(r"Add (\d+)", p.question).group(1)) <= MAX_ADDEND for p in inside
                if p.subject == "count_plus")

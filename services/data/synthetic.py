@@ -103,6 +103,8 @@ def _render(shapes: Iterable[tuple[str, str, int, int, int]], size: int) -> byte
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
         elif kind == "square":
             draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        elif kind == "diamond":
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=fill)
         else:
             draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
     buffer = io.BytesIO()
@@ -110,11 +112,11 @@ def _render(shapes: Iterable[tuple[str, str, int, int, int]], size: int) -> byte
     return buffer.getvalue()
 
 
-def _blobs(rng: random.Random, size: int, counts: tuple[int, int] = (1, MAX_COUNT)) -> tuple[int, str, str, bytes]:
-    """1-3 (`counts`) same-colour, same-kind shapes, each inside its own cell of a 2x2 grid (never touching)."""
-    count = rng.randint(*counts)
+def _blobs(rng: random.Random, size: int, kinds: tuple[str, ...] = SHAPES) -> tuple[int, str, str, bytes]:
+    """1-3 same-colour shapes of one of `kinds`, each inside its own cell of a 2x2 grid (never touching)."""
+    count = rng.randint(1, MAX_COUNT)
     colour = rng.choice(list(COLOURS))
-    kind = rng.choice(SHAPES)
+    kind = rng.choice(kinds)
     cell = size // 2
     shapes = []
     for cell_index in rng.sample(range(4), count):
@@ -165,8 +167,8 @@ def _solve_color(problem: Problem) -> str:
     return _response(thought, problem.answer)
 
 
-def _generate_count(rng: random.Random, size: int, counts: tuple[int, int] = (1, MAX_COUNT)) -> Draw:
-    count, colour, kind, image = _blobs(rng, size, counts)
+def _generate_count(rng: random.Random, size: int, kinds: tuple[str, ...] = SHAPES) -> Draw:
+    count, colour, kind, image = _blobs(rng, size, kinds)
     return Draw(
         question=f"{IMAGE_PLACEHOLDER}\nHow many shapes are in the image?",
         answer=str(count),
@@ -192,9 +194,9 @@ def _solve_count(problem: Problem) -> str:
     return _response(_count_thought(problem, int(problem.answer)), problem.answer)
 
 
-def _generate_count_plus(rng: random.Random, size: int, addends: tuple[int, int] = (1, MAX_ADDEND)) -> Draw:
-    count, colour, kind, image = _blobs(rng, size)
-    k = rng.randint(*addends)
+def _generate_count_plus(rng: random.Random, size: int, kinds: tuple[str, ...] = SHAPES) -> Draw:
+    count, colour, kind, image = _blobs(rng, size, kinds)
+    k = rng.randint(1, MAX_ADDEND)
     return Draw(
         question=f"{IMAGE_PLACEHOLDER}\nHow many shapes are in the image? Add {k} to that number.",
         answer=str(count + k),
@@ -211,9 +213,9 @@ def _solve_count_plus(problem: Problem) -> str:
     return _response(f"{_count_thought(problem, total - k)} {total - k} + {k} = {total}.", problem.answer)
 
 
-def _generate_color_count(rng: random.Random, size: int, counts: tuple[int, int] = (1, MAX_COUNT)) -> Draw:
+def _generate_color_count(rng: random.Random, size: int, kinds: tuple[str, ...] = SHAPES) -> Draw:
     """Half the time the asked colour is the one drawn; otherwise the answer is 0."""
-    count, colour, kind, image = _blobs(rng, size, counts)
+    count, colour, kind, image = _blobs(rng, size, kinds)
     asked = colour if rng.random() < 0.5 else rng.choice([c for c in COLOURS if c != colour])
     return Draw(
         question=f"{IMAGE_PLACEHOLDER}\nHow many {asked} shapes are in the image?",
@@ -246,12 +248,12 @@ def _match(pattern: str, text: str) -> str:
 # what the student can see: were they independent coin flips per problem, the imitator's mode on every
 # problem would still be the right answer and greedy decoding would recover it (SFT would beat RL again).
 # So the teacher is wrong on a "hard" subset of visible feature combinations (count_plus with a large sum,
-# 3 shapes, yellow/green shapes, ...), and on that subset it is wrong on a problem with probability
-# WRONG_MIN..WRONG_MAX (> 0.5, from a hash of the problem id): its mode there is wrong, yet right traces
+# 3 shapes, yellow/green shapes, ...), and on that subset it is wrong on a problem with a probability in the
+# band `wrong` = (min, target, max), all > 0.5 (from a hash of the problem id): its mode there is wrong, yet right traces
 # (some of them reflecting and correcting a wrong first step) still appear, so RL's sampled groups there
 # hold both rewards. Each task's `hardness` lists its axes, coarse to fine, values hardest first; the
 # subset is the hardest cells at the coarsest level where (cells' share) x (wrong within) can equal the
-# rate with a within-subset wrong probability in [WRONG_MIN, WRONG_MAX] (closest to WRONG_TARGET), so a
+# rate with a within-subset wrong probability in [min, max] (closest to target), so a
 # high rate takes more of the coarse cells and a low rate splits them by a finer feature (kind, colour).
 # Only when no level fits (a rate near 0 or 1) the within probability is clamped and the error share
 # departs from the rate; make_dataset's summary reports the measured share either way. The forms are the
@@ -261,7 +263,7 @@ def _match(pattern: str, text: str) -> str:
 # its first step is wrong and a check catches it (then corrects it), or, on counting, as a check when the
 # content is actually hard (3 shapes: "Wait, let me count again. Yes, 3 shapes."); never at random. The
 # `answer` stays the true one (rewards and evaluation use it); only the `solution` carries the error.
-WRONG_MIN, WRONG_TARGET, WRONG_MAX = 0.6, 0.7, 0.9
+TEACHER_WRONG = (0.6, 0.7, 0.9)  # the within-hard-cell wrong band (min, target, max): data.teacher_wrong's default
 _COLOUR_HARDNESS = (("yellow",), ("green",), ("red",), ("blue",))  # yellow has the least contrast on white
 _KIND_HARDNESS = (("triangle",), ("circle",), ("square",))  # the triangle covers the least area
 CONFUSED = {"yellow": "green", "green": "yellow", "red": "yellow", "blue": "green"}  # what a colour is taken for
@@ -302,29 +304,34 @@ class TeacherPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def teacher_plan(task: str, error_rate: float) -> TeacherPlan:
-    """The hard subset and within-subset wrong probability for `error_rate` (see the section comment)."""
+def teacher_plan(task: str, error_rate: float, wrong: tuple[float, float, float] = TEACHER_WRONG) -> TeacherPlan:
+    """The hard subset and within-subset wrong probability for `error_rate`, in the band `wrong` = (min,
+    target, max) (see the section comment)."""
     if not 0 < error_rate < 1:
         raise ValueError(f"teacher_error_rate must be in (0, 1) for an imperfect teacher, got {error_rate}")
+    low, target, high = wrong
+    if not 0.5 < low <= target <= high < 1:
+        raise ValueError(f"teacher_wrong must be [min, target, max] with 0.5 < min <= target <= max < 1, got {wrong}")
     axes = _task(task).hardness
     for level in range(1, len(axes) + 1):
         cells = list(itertools.product(*(axis.values for axis in axes[:level])))
-        fits = [(abs(error_rate * len(cells) / i - WRONG_TARGET), i) for i in range(1, len(cells) + 1)
-                if WRONG_MIN <= error_rate * len(cells) / i <= WRONG_MAX]
+        fits = [(abs(error_rate * len(cells) / i - target), i) for i in range(1, len(cells) + 1)
+                if low <= error_rate * len(cells) / i <= high]
         if fits:
             i = min(fits)[1]
             return TeacherPlan(task, error_rate, level, frozenset(cells[:i]), i / len(cells),
                                error_rate * len(cells) / i)
-    i = min(len(cells), max(1, round(error_rate * len(cells) / WRONG_TARGET)))
-    wrong = min(WRONG_MAX, max(WRONG_MIN, error_rate * len(cells) / i))
-    return TeacherPlan(task, error_rate, len(axes), frozenset(cells[:i]), i / len(cells), wrong)
+    i = min(len(cells), max(1, round(error_rate * len(cells) / target)))
+    wrong_given_hard = min(high, max(low, error_rate * len(cells) / i))
+    return TeacherPlan(task, error_rate, len(axes), frozenset(cells[:i]), i / len(cells), wrong_given_hard)
 
 
-def teacher_solution(problem: Problem, features: Mapping[str, Any], error_rate: float) -> str:
+def teacher_solution(problem: Problem, features: Mapping[str, Any], error_rate: float,
+                     wrong: tuple[float, float, float] = TEACHER_WRONG) -> str:
     """The imperfect teacher's response to a problem drawn with `features` (its Draw's)."""
     if error_rate <= 0:
         return reference_solution(problem)
-    plan = teacher_plan(problem.subject, error_rate)
+    plan = teacher_plan(problem.subject, error_rate, tuple(wrong))
     return _task(problem.subject).teach(problem, features, plan.outcome(problem.id, features))
 
 
@@ -406,12 +413,14 @@ def _teach_color_count(problem: Problem, features: Mapping[str, Any], outcome: s
 
 
 # ---- Out of distribution ---------------------------------------------------------------------------------
-# Problems just outside the training range, one step out and still plausible to transfer: count and
-# color_count with 4 shapes (every cell of the 2x2 grid filled; training has 1-3), count_plus with addends
-# 6-9 (training adds 1-5; counts stay 1-3), color with a smaller shape (radius 0.18-0.25 of the image
-# against 0.28-0.38). Split "ood", so ids (and draws) differ from train and heldout.
-OOD_COUNT = (MAX_COUNT + 1, MAX_COUNT + 1)
-OOD_ADDENDS = (MAX_ADDEND + 1, 9)
+# Problems the model never saw but can answer with what it was trained on (the paper's claim is transfer of a
+# reasoning skill, §6.1): the counting tasks draw an unseen shape (a diamond; training has circles, squares
+# and triangles) with the training range of counts and addends, so the answers are ones the model emits;
+# color draws a smaller shape (radius 0.18-0.25 of the image against 0.28-0.38). Numbers outside the range
+# (4 shapes, addends 6-9: the first proof's split) no arm could answer: a 1M-parameter model that never wrote
+# "4" or "12" does not sample them, so the rule reward has nothing to amplify. Split "ood", so ids (and
+# draws) differ from train and heldout.
+OOD_SHAPES = ("diamond",)
 OOD_RADIUS = (0.18, 0.25)
 
 
@@ -434,13 +443,13 @@ def _color_count_hardness() -> tuple[Axis, ...]:
 TASKS: dict[str, Task] = {
     "color": Task(_generate_color, _solve_color, functools.partial(_generate_color, radius=OOD_RADIUS),
                   _teach_color, (Axis(("colour",), _COLOUR_HARDNESS), Axis(("kind",), _KIND_HARDNESS))),
-    "count": Task(_generate_count, _solve_count, functools.partial(_generate_count, counts=OOD_COUNT),
+    "count": Task(_generate_count, _solve_count, functools.partial(_generate_count, kinds=OOD_SHAPES),
                   _teach_count, _count_hardness()),
     "count_plus": Task(_generate_count_plus, _solve_count_plus,
-                       functools.partial(_generate_count_plus, addends=OOD_ADDENDS), _teach_count_plus,
+                       functools.partial(_generate_count_plus, kinds=OOD_SHAPES), _teach_count_plus,
                        _count_plus_hardness()),
     "color_count": Task(_generate_color_count, _solve_color_count,
-                        functools.partial(_generate_color_count, counts=OOD_COUNT), _teach_color_count,
+                        functools.partial(_generate_color_count, kinds=OOD_SHAPES), _teach_color_count,
                         _color_count_hardness()),
 }
 
@@ -459,7 +468,8 @@ def reference_solution(problem: Problem) -> str:
 
 
 def generate_problem(task: str, index: int, *, split: str = "train", seed: int = 0, image_size: int = 56,
-                     teacher_error_rate: float = 0.0, ood: bool = False) -> Problem:
+                     teacher_error_rate: float = 0.0, teacher_wrong: tuple[float, float, float] = TEACHER_WRONG,
+                     ood: bool = False) -> Problem:
     """Problem `index` of a task family in a split; the rng is seeded from (seed, id). `ood`: drawn just
     outside the training range; `teacher_error_rate` > 0: the solution is the imperfect teacher's."""
     problem_id = f"{task}-{split}-{index:06d}"
@@ -476,7 +486,8 @@ def generate_problem(task: str, index: int, *, split: str = "train", seed: int =
         subject=task,
         source=SOURCE,
     )
-    return dataclasses.replace(problem, solution=teacher_solution(problem, draw.features, teacher_error_rate))
+    return dataclasses.replace(problem, solution=teacher_solution(problem, draw.features, teacher_error_rate,
+                                                                  teacher_wrong))
 
 
 def problem_key(problem: Problem) -> tuple[str, str, str]:
@@ -493,6 +504,7 @@ def sample_problems(
     image_size: int = 56,
     exclude: Iterable[tuple[str, str, str]] = (),
     teacher_error_rate: float = 0.0,
+    teacher_wrong: tuple[float, float, float] = TEACHER_WRONG,
     ood: bool = False,
 ) -> list[Problem]:
     """n distinct problems mixed by weight (exact per-task counts, shuffled order).
@@ -508,7 +520,7 @@ def sample_problems(
             if index >= 20 * count + 100:
                 raise RuntimeError(f"task {task!r}: only {drawn} distinct problems after {index} draws")
             problem = generate_problem(task, index, split=split, seed=seed, image_size=image_size,
-                                       teacher_error_rate=teacher_error_rate, ood=ood)
+                                       teacher_error_rate=teacher_error_rate, teacher_wrong=teacher_wrong, ood=ood)
             index += 1
             if problem_key(problem) not in seen:
                 seen.add(problem_key(problem))
@@ -527,6 +539,7 @@ def make_dataset(
     seed: int = 0,
     teacher_error_rate: float = 0.0,
     n_ood: int = 0,
+    teacher_wrong: tuple[float, float, float] = TEACHER_WRONG,
 ) -> dict[str, Any]:
     """Write train.parquet and heldout.parquet with no problem in both (and, with n_ood > 0, ood.parquet:
     problems outside the training range, in neither); returns their summaries, also written to
@@ -537,14 +550,15 @@ def make_dataset(
     heldout = sample_problems(tasks, n_heldout, split="heldout", seed=seed, image_size=image_size)
     train = sample_problems(
         tasks, n_train, split="train", seed=seed, image_size=image_size, exclude=map(problem_key, heldout),
-        teacher_error_rate=teacher_error_rate,
+        teacher_error_rate=teacher_error_rate, teacher_wrong=tuple(teacher_wrong),
     )
     summary = {
         "seed": seed,
         "image_size": image_size,
         "tasks": dict(tasks),
         "teacher_error_rate": teacher_error_rate,
-        "teacher": _teacher_summary(train, teacher_error_rate),
+        "teacher_wrong": list(teacher_wrong),
+        "teacher": _teacher_summary(train, teacher_error_rate, tuple(teacher_wrong)),
         "train": {"path": str(write_problems(out_dir / "train.parquet", train)), **describe(train)},
         "heldout": {"path": str(write_problems(out_dir / "heldout.parquet", heldout)), **describe(heldout)},
     }
@@ -556,13 +570,13 @@ def make_dataset(
     return summary
 
 
-def _teacher_summary(train: list[Problem], error_rate: float) -> dict[str, Any]:
+def _teacher_summary(train: list[Problem], error_rate: float, band: tuple[float, float, float]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for task in sorted({p.subject for p in train}):
         mine = [p for p in train if p.subject == task]
         wrong = sum(solution_answer(p.solution) != p.answer for p in mine)
         out[task] = {"n": len(mine), "error_share": round(wrong / len(mine), 4),
-                     **(teacher_plan(task, error_rate).describe() if error_rate > 0 else {})}
+                     **(teacher_plan(task, error_rate, band).describe() if error_rate > 0 else {})}
     wrong = sum(solution_answer(p.solution) != p.answer for p in train)
     out["all"] = {"n": len(train), "error_share": round(wrong / max(len(train), 1), 4)}
     return out
