@@ -20,7 +20,8 @@ from learner.worker import LearnerWorker
 @ray.remote
 class LearnerActor:
     def __init__(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, master_addr: str,
-                 master_port: int, version: int = 0):
+                 master_port: int, version: int = 0, cpu_affinity: tuple[int, ...] = ()):
+        pin_to_cores(list(cpu_affinity), "learner.cpu_affinity")  # before torch and DeepSpeed start threads
         self.worker = LearnerWorker(model_path, cfg, rank, world_size, master_addr, master_port)
         self.worker.version = version
 
@@ -104,7 +105,8 @@ class LearnerGroup:
     actors': when this object goes, the reservation goes too."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, num_ranks: int, num_cpus: float, num_gpus: float,
-                 master_port: int = 0, timeout_s: float = 3600.0, version: int = 0, startup_timeout_s: float = 600.0):
+                 master_port: int = 0, timeout_s: float = 3600.0, version: int = 0, startup_timeout_s: float = 600.0,
+                 cpu_affinity: tuple[int, ...] = ()):
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement = placement_group([dict(bundle) for _ in range(num_ranks)], strategy="PACK")
@@ -122,7 +124,7 @@ class LearnerGroup:
         master_addr, port = ray.get(_rendezvous_address.options(scheduling_strategy=on_bundle(0)).remote(master_port))
         self.actors = [
             LearnerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=on_bundle(rank)).remote(
-                model_path, cfg, rank, num_ranks, master_addr, port, version)
+                model_path, cfg, rank, num_ranks, master_addr, port, version, tuple(cpu_affinity))
             for rank in range(num_ranks)
         ]
         self.names = [f"learner rank {rank}" for rank in range(num_ranks)]

@@ -72,6 +72,9 @@ def validate(cfg: RunConfig) -> None:
         (min(cfg.rollout.num_cpus_per_actor, cfg.rollout.num_gpus_per_actor, cfg.learner.num_cpus_per_rank,
              cfg.learner.num_gpus_per_rank) >= 0, "rollout/learner num_cpus_*/num_gpus_* must be >= 0"),
         (0 <= cfg.learner.master_port <= 65535, "learner.master_port must be in [0, 65535]"),
+        *((min(cores, default=0) >= 0 and len(set(cores)) == len(cores),
+           f"{side}.cpu_affinity must list distinct core numbers >= 0, got {list(cores)}")
+          for side, cores in (("rollout", cfg.rollout.cpu_affinity), ("learner", cfg.learner.cpu_affinity))),
         (engine.max_model_len >= 1, "rollout.engine.max_model_len must be >= 1"),
         (0 < engine.gpu_memory_utilization <= 1, "rollout.engine.gpu_memory_utilization must be in (0, 1]"),
         (engine.cpu_kvcache_gib >= 1, "rollout.engine.cpu_kvcache_gib must be >= 1"),

@@ -68,6 +68,7 @@ class RolloutConfig:
     spares: int = -1  # started actors off the work path that take a lost one's place; -1: one on a cluster with room
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
+    cpu_affinity: list[int] = field(default_factory=list)  # the node's cores the engines run on (empty: any)
     engine: EngineOptions = field(default_factory=EngineOptions)
 
 
@@ -76,6 +77,7 @@ class LearnerGroupConfig:
     num_ranks: int = 2
     num_cpus_per_rank: float = 0.5
     num_gpus_per_rank: float = 0.0
+    cpu_affinity: list[int] = field(default_factory=list)  # the node's cores the ranks run on (empty: any)
     master_port: int = 0
     optim: LearnerConfig = field(default_factory=LearnerConfig)
 

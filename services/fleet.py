@@ -38,7 +38,7 @@ RENDEZVOUS_ATTEMPTS = 3
 REWARD_DEADLINE_MARGIN = 1.25  # over the sandbox's worst case: process start-up, format scoring, transfer
 # What a fleet's actors are built from; a run that differs in one of these needs a fleet of its own.
 LAYOUT_KEYS = ("ray_address", "worker_logs_to_console", "rollout.", "learner.num_cpus_per_rank",
-               "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.zero_stage", "learner.optim.dtype",
+               "learner.num_gpus_per_rank", "learner.cpu_affinity", "learner.master_port", "learner.optim.zero_stage", "learner.optim.dtype",
                "learner.optim.weight_transport", "learner.optim.weight_bucket_mb", "model.arch")
 MODEL_FILES = ("config.json", "tokenizer.json")  # the engines keep the tokenizer they started with
 CONFIG_NOISE = ("_name_or_path", "transformers_version", "dtype", "torch_dtype")  # a save rewrites them
@@ -167,7 +167,7 @@ class Fleet:
     def _new_rollout_actor(self):
         cfg = self.cfg.rollout
         return RolloutActor.options(num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor).remote(
-            self.model_path, cfg.engine, self.on_gpu, self.version, self.run_id)
+            self.model_path, cfg.engine, self.on_gpu, self.version, self.run_id, tuple(cfg.cpu_affinity))
 
     def _new_reward_actor(self):
         return RewardActor.options(num_cpus=REWARD_CPUS).remote(self.cfg.reward)
@@ -184,7 +184,7 @@ class Fleet:
         while True:
             group = LearnerGroup(self.model_path, cfg.optim, cfg.num_ranks, cfg.num_cpus_per_rank, cfg.num_gpus_per_rank,
                                  cfg.master_port, self.cfg.faults.learner_timeout_s, version,
-                                 self.cfg.faults.startup_timeout_s)
+                                 self.cfg.faults.startup_timeout_s, tuple(cfg.cpu_affinity))
             try:
                 group.ready()
                 return group
