@@ -9,6 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.placement import pin_to_cores
 from actors.supervision import get_all
 from actors.weight_link import RayEngineLink
 from learner.types import StageSpec, TrainBatch
