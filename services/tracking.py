@@ -187,10 +187,13 @@ PROMETHEUS_GAUGES = {
 STEP_TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TIMING_PREFIX, SKIPPED_PREFIX, RESTARTS_KEY = "timing_s/", "data/skipped/", "actors/restarts"
 LINGER_MAX_S = 120  # the longest close waits for Prometheus's next scrape
+LINGER_MIN_S = 10
 
 
 class ScrapeClock:
-    """A collector that exports nothing and notes when the endpoint was last scraped (the last two times)."""
+    """A collector that exports nothing and notes when the endpoint was last scraped (the last two times).
+    A registry collects in registration order: registered first, it notes when scrapes start; last, when
+    their collection is done."""
 
     def __init__(self):
         self.times: list[float] = []
@@ -214,6 +217,8 @@ class PrometheusBackend:
 
         self.run_id, self.stage = run.run_id, None
         self.registry = CollectorRegistry()
+        self.scrape_start = ScrapeClock()  # before every metric (self.clock after them)
+        self.registry.register(self.scrape_start)
         labels = ("run_id", "stage")
         self.gauges = {key: Gauge(name, doc, labels, registry=self.registry)
                        for key, (name, doc) in PROMETHEUS_GAUGES.items()}
@@ -268,16 +273,23 @@ class PrometheusBackend:
         self._cumulative[key] = max(total, self._cumulative.get(key, 0.0))
 
     def close(self, status: str = "FINISHED") -> None:
-        """The end status, then, on an endpoint being scraped, the next scrape (at most 1.5 scrape intervals
-        or LINGER_MAX_S), then the endpoint goes."""
+        """The end status, then, on an endpoint being scraped, a scrape that started after it was set and
+        has collected everything (a scrape already under way may have read the status before it was set),
+        then the endpoint goes. It waits at most 3 scrape intervals, within [LINGER_MIN_S, LINGER_MAX_S]: a
+        loaded scraper is late by seconds, a lost one is not waited for long."""
         self.finished.labels(self.run_id, status).set(1)
-        scraped = self.clock.times
+        set_at, scraped = time.monotonic(), self.clock.times
         if len(scraped) == 2:
-            deadline = time.monotonic() + min(1.5 * (scraped[1] - scraped[0]), LINGER_MAX_S)
-            while self.clock.times[-1] == scraped[-1] and time.monotonic() < deadline:
+            deadline = set_at + min(max(3 * (scraped[1] - scraped[0]), LINGER_MIN_S), LINGER_MAX_S)
+            while not self._scraped_since(set_at) and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.server.shutdown()
         self.server.server_close()
+
+    def _scraped_since(self, moment: float) -> bool:
+        """A scrape has started after `moment` and collected every metric."""
+        started, done = self.scrape_start.times, self.clock.times
+        return bool(started) and started[-1] > moment and done[-1] > started[-1]
 
 
 # ---- MLflow --------------------------------------------------------------------------------------------

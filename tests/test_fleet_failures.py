@@ -132,7 +132,8 @@ def test_a_run_whose_mlflow_server_is_killed_mid_run_goes_on_counting_the_errors
     from services.run_dir import read_jsonl
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fast: the bounded defaults take seconds
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # a loaded machine may keep a live server's answer past a few seconds; a dead one refuses at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     port = free_port()
     server = _mlflow_server(tmp_path, port)
     path = tmp_path / "grpo.yaml"
