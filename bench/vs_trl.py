@@ -11,7 +11,7 @@ process. TRL generates with transformers (its default without a vLLM server) on 
 its demo topology (2 vLLM rollout actors + 2 DeepSpeed ranks, one thread each). Both score with vireo's
 reward (0.8 accuracy + 0.2 format), no KL, one update per batch; vireo's dynamic filtering is off so both
 train on every sample. The first step of each run is a warm-up and is not timed. Each row of CONFIGS is
-one contender (an overlap variant of vireo is one more row).
+one contender: `vireo_overlap` is vireo with trainer.mode=one_step (`--contenders trl,vireo,vireo_overlap`).
 
 Prints a table, every run's reward curve, the mean curve with its spread (and grad norm, entropy,
 response length, truncation and the rollout/learner logprob gap per step), plots the curves
@@ -44,6 +44,7 @@ TRL_SITE = REPO / ".bench-trl"
 CONFIGS: dict[str, dict] = {
     "trl": {"runner": "trl"},
     "vireo": {"runner": "vireo", "overrides": []},
+    "vireo_overlap": {"runner": "vireo", "overrides": ["trainer.mode=one_step"]},  # generation overlaps training
 }
 
 
@@ -74,6 +75,7 @@ def run_vireo(model: str, data: Path, a: argparse.Namespace, overrides: list[str
                      "length": m["response_length/mean"], "clipped": m["response_length/clip_rate"],
                      "rollout_gap_max": m.get("rollout/logprob_diff_max", float("nan")),
                      "rollout_gap_mean": m.get("rollout/logprob_diff_mean", float("nan"))})
+    grpo.finish()  # one_step: the batch generated ahead is in before the actors go
     ray.shutdown()
     return rows
 

@@ -20,7 +20,7 @@ from services.config import ConfigError, RunConfig, flat, parse_config, to_yaml
 from services.data.synthetic import MIN_IMAGE_SIZE, TASKS
 from services.evaluation import EVAL_MODES
 from services.selection import CRITERIA
-from services.stages import STAGE_KINDS
+from services.stages import STAGE_KINDS, TRAINER_MODES
 from services.tracking import TRACKER_BACKENDS
 
 
@@ -90,6 +90,8 @@ def validate(cfg: RunConfig) -> None:
          "reward.worker_memory_mb must be >= 1 (or null: no limit)"),
         (cfg.evaluation.limit >= 0, "evaluation.limit must be >= 0"),
         (cfg.trainer.probe_every >= 0, "trainer.probe_every must be >= 0"),
+        one_of(cfg.trainer.mode, TRAINER_MODES, "trainer.mode"),
+        (cfg.trainer.max_staleness >= 0, "trainer.max_staleness must be >= 0"),
     ]
     checks += [
         (cfg.rollout.num_actors >= 1, "rollout.num_actors must be >= 1"),

@@ -84,10 +84,18 @@ class LearnerGroupConfig:
 
 @dataclass
 class TrainerConfig:
-    """Run-wide loop settings; everything a stage decides lives in its StageConfig."""
+    """Run-wide loop settings; everything a stage decides lives in its StageConfig.
+
+    mode (services.stages.TRAINER_MODES): `sync` generates a GRPO step's rollouts, then scores and trains
+    on them; `one_step` generates step k+1's rollouts while step k is scored and trained, so they come from
+    the weights one update behind the learner (lag 1). max_staleness: the most updates a sample's weights
+    may be behind the learner's when it is trained on: generation never runs further ahead (a one_step run
+    with 0 waits, i.e. runs as sync), and a batch past it is refused, not trained on."""
 
     probe_every: int = 1
     seed: int = 0
+    mode: str = "sync"
+    max_staleness: int = 1
 
 
 @dataclass

@@ -10,9 +10,11 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -130,6 +132,12 @@ class Fleet:
         self.dirty = False  # the learner holds weights the engines have not received
         self.learners_lost = False
         self.reward_splits = 0  # reward batches split after running past their deadline
+        # One call at a time on the rollout pool (a background generate included: a sync waits for it, so
+        # weights change between requests, never during one), and on the learner group (a replacement's
+        # catch-up from a background generate cannot interleave its collectives with a train step's).
+        # Always taken in that order.
+        self._pool_lock, self._learner_lock = threading.RLock(), threading.RLock()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vireo-generate")
         needed = self._attach(learners)
         self.pool = RolloutPool(self._new_rollout_actor, cfg.rollout.num_actors, cfg.faults.rollout_timeout_s,
                                 self.budget, log, cfg.faults.startup_timeout_s, spares_that_fit(cfg, needed))
@@ -217,6 +225,10 @@ class Fleet:
         started anew) and every engine receives it whole."""
         if self.learners is None:
             raise ValueError("a generation-only fleet (learners=False) serves the model it started with")
+        with self._pool_lock:
+            self._reset(cfg, model_path, version, run_id, budget)
+
+    def _reset(self, cfg: RunConfig, model_path: str, version: int, run_id: str, budget: RestartBudget) -> None:
         differs = self.serves(cfg, model_path)
         if differs:
             raise ValueError(f"this fleet cannot run the config: it differs in {', '.join(differs)}")
@@ -247,7 +259,9 @@ class Fleet:
             self._learner_call(check_run_dir_shared, self.learners, run_dir)
 
     def close(self) -> None:
-        """Kill every actor of the fleet (on a shared cluster nothing of it may linger)."""
+        """Kill every actor of the fleet (on a shared cluster nothing of it may linger), once a background
+        generate has ended (killed under it, the pool would start replacements)."""
+        self._background.shutdown(wait=True)
         self.pool.kill()
         ray.kill(self.reward.actor, no_restart=True)
         if self.learners:
@@ -255,12 +269,22 @@ class Fleet:
 
     # ---- what a run calls ------------------------------------------------------------------------
     def versions(self) -> list[int]:
-        return self.pool.call_all("weights_version")
+        with self._pool_lock:
+            return self.pool.call_all("weights_version")
+
+    def generate_async(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> Future:
+        """`generate` in the background (trainer.mode=one_step: the next step's rollouts while this one
+        trains); the Future gives the trajectories, or raises what generate raised."""
+        return self._background.submit(self.generate, requests, sampling)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
         """Spread prompts over the rollout actors (a lost actor's share goes to the live ones); refuses to
         roll out with mixed weight versions. Each shard has seeds of its own (request i of the step starts
         at seed + i·n, wherever it runs)."""
+        with self._pool_lock:
+            return self._generate(requests, sampling)
+
+    def _generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
         versions = self.versions()
         if len(set(versions)) != 1:
             raise RuntimeError(f"rollout actors hold mixed weight versions {versions}; refusing to roll out")
@@ -314,6 +338,10 @@ class Fleet:
         rollout actor lost during the sync is replaced and every engine then gets every group as a new
         version (some may already hold the half-delivered one). Spares that came up since get the weights
         whole, off the next step's path."""
+        with self._pool_lock:
+            return self._sync()
+
+    def _sync(self) -> dict[str, float]:
         start, everything = time.time(), False
         while True:
             receivers = self.pool.receivers()
@@ -344,22 +372,26 @@ class Fleet:
         """Max |logprob(vLLM) - logprob(learner)| over a fixed sequence, on every serving engine."""
         learner_ids, learner_lp = self._learner_call(self.learners.probe_logprobs, text, images)
         worst = 0.0
-        for ids, lp in self.pool.call_all("prompt_logprobs", text, images):
+        with self._pool_lock:
+            answers = self.pool.call_all("prompt_logprobs", text, images)
+        for ids, lp in answers:
             if ids != learner_ids:
                 raise RuntimeError("probe: rollout engine and learner tokenised the probe differently")
             worst = max(worst, max(abs(a - b) for a, b in zip(lp, learner_lp)))
         return worst
 
     def fault_metrics(self) -> dict[str, float]:
-        return {"actors/restarts": self.budget.used,
-                "actors/rollout_alive": sum(answering(self.pool.actors, "weights_version")),
+        with self._pool_lock:
+            alive = sum(answering(self.pool.actors, "weights_version"))
+        return {"actors/restarts": self.budget.used, "actors/rollout_alive": alive,
                 "actors/spares_warm": len(self.pool.warm), "reward/split_batches": self.reward_splits}
 
     def _learner_call(self, method, *args):
         """A learner group call; a lost rank marks the group for a fresh start at the next reset (the other
         ranks may be stuck in a collective with it)."""
         try:
-            return method(*args)
+            with self._learner_lock:
+                return method(*args)
         except ActorFailure as failure:
             if failure.who.startswith("learner rank"):
                 self.learners_lost = True

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,12 @@ class StageState:
 
     def state(self) -> dict:
         return {"stage_index": self.index, "stage_step": self.step, "global_step": self.global_step,
-                "sampler": self.kind.sampler.state(), "end_rule": self.end.state(),
+                "sampler": self.kind.sampler.state(), "kind": self.kind.state(), "end_rule": self.end.state(),
                 "stage_seconds": time.time() - self.started}
 
     def load_state(self, saved: dict) -> None:
         self.kind.sampler.load_state(saved["sampler"])
+        self.kind.load_state(saved.get("kind", {}))  # a checkpoint saved before stage kinds had state
         self.end.load_state(saved["end_rule"])
         self.step, self.started = saved["stage_step"], time.time() - saved["stage_seconds"]
 
@@ -227,6 +229,14 @@ class Run:
     # ---- what stage kinds call (services.stages.StageContext) ---------------------------------------
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
         return self.fleet.generate(rollout_requests(self.processor, problems, self.cfg.data.system_prompt), sampling)
+
+    def generate_async(self, problems: list[Problem], sampling: SamplingConfig) -> Future:
+        return self.fleet.generate_async(rollout_requests(self.processor, problems, self.cfg.data.system_prompt),
+                                         sampling)
+
+    def learner_version(self) -> int:
+        """The version of the learner's weights: the engines' after a sync, one more once it has trained."""
+        return self.fleet.version + int(self.fleet.dirty)
 
     def score(self, problems: dict[str, Problem], trajectories: list[Trajectory], draw: int = 0) -> list[RewardResult]:
         return self.fleet.score(score_requests(problems, trajectories), draw)
@@ -398,7 +408,7 @@ class Run:
         while reason is None:
             stage.step += 1
             step = stage.step
-            metrics = stage.kind.step(step, stage.global_step)
+            metrics = stage.kind.step(step, stage.global_step, last=step >= end.limit)
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
             metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": stage.kind.sampler.epochs,
                             **self.fleet.fault_metrics()})
@@ -415,6 +425,7 @@ class Run:
                 self._save(name, stage, report, done=False)
             if self.stop_requested and reason is None:
                 raise RunStopped(self._stopped_message(stage.global_step), EXIT_INTERRUPTED)
+        stage.kind.finish()
         checkpoint = str(self.store.path(cfg.name))
         final = self.evaluate_heldout(f"{cfg.name} end", stage.global_step, cfg.name, plan.heldout, report,
                                       checkpoint)

@@ -1,6 +1,6 @@
 """Stage kinds and end rules: a run is a list of stages (R1V3 §2–§3: cold-start SFT -> GRPO -> connector-only).
 
-A stage kind is one registered class with `step(step) -> metrics`; the run (services/run.py) owns the
+A stage kind is one registered class with `step(step, global_step, last) -> metrics`; the run (services/run.py) owns the
 loop, the checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext
 (the run is one; a test may pass its own), so this module does not import the run that imports it.
 """
@@ -10,6 +10,7 @@ import dataclasses
 import math
 import time
 from collections import Counter, deque
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -33,6 +34,10 @@ class StageContext(Protocol):
 
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]: ...
 
+    def generate_async(self, problems: list[Problem], sampling: SamplingConfig) -> Future: ...
+
+    def learner_version(self) -> int: ...
+
     def score(self, problems: dict[str, Problem], trajectories: list[Trajectory],
               draw: int = 0) -> list[RewardResult]: ...
 
@@ -45,6 +50,7 @@ class StageContext(Protocol):
     def versions(self) -> list[int]: ...
 
 STAGE_KINDS: Registry[type[StageKind]] = Registry("stage kind")
+TRAINER_MODES = ("sync", "one_step")  # trainer.mode (services.config.TrainerConfig)
 register_stage_kind = STAGE_KINDS.register
 get_stage_kind = STAGE_KINDS.lookup
 
@@ -67,8 +73,19 @@ class StageKind:
             loss = dataclasses.replace(loss, policy_loss=self.policy_loss)
         return StageSpec(cfg.name, tuple(cfg.trainable), total_steps, cfg.optim, loss)
 
-    def step(self, step: int, global_step: int) -> dict[str, float]:
+    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
+        """One step; `last`: the stage's step limit is reached after it (nothing is to be prepared ahead)."""
         raise NotImplementedError
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the kind beyond the sampler (work prepared ahead); JSON."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        """The stage ended (by its end rule, maybe before `last`): work prepared ahead is let go."""
 
 
 @register_stage_kind("sft")
@@ -78,7 +95,7 @@ class SftStage(StageKind):
     needs_solution = True
     policy_loss = "sft"
 
-    def step(self, step: int, global_step: int) -> dict[str, float]:
+    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
         start = time.time()
         samples = [self.ctx.sft_sample(p) for p in self.sampler.draw(self.cfg.batch_size)]
         metrics = self.ctx.train(samples)
@@ -86,11 +103,51 @@ class SftStage(StageKind):
         return metrics
 
 
+@dataclasses.dataclass
+class Rollouts:
+    """One GRPO step's prompts, sampling and responses: a Future while they are being generated (in the
+    background when generated ahead), the trajectories once in."""
+
+    problems: list[Problem]
+    sampling: SamplingConfig
+    responses: Future | list[Trajectory]
+    started: float
+    seconds: float = 0.0  # from dispatch until the responses were in
+
+    def trajectories(self) -> list[Trajectory]:
+        """The responses, waiting for them if they are still being generated."""
+        if isinstance(self.responses, Future):
+            self.responses = self.responses.result()
+            self.seconds = time.time() - self.started
+        return self.responses
+
+    def state(self) -> dict:
+        return {"problems": [p.id for p in self.problems], "sampling": dataclasses.asdict(self.sampling),
+                "trajectories": [{f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "images"}
+                                 for t in self.trajectories()], "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict, problems: dict[str, Problem]) -> Rollouts:
+        """A checkpoint's rollouts, each trajectory given its problem's images again (not saved twice)."""
+        chosen = [problems[pid] for pid in state["problems"]]
+        trajs = [Trajectory(**t, images=problems[t["prompt_id"]].images) for t in state["trajectories"]]
+        return cls(chosen, SamplingConfig(**state["sampling"]), trajs, 0.0, state["seconds"])
+
+
 @register_stage_kind("grpo")
 class GrpoStage(StageKind):
-    """Rollouts -> rewards -> group advantages -> policy update -> weights back (R1V3 §3.3)."""
+    """Rollouts -> rewards -> group advantages -> policy update -> weights back (R1V3 §3.3).
+
+    trainer.mode=one_step: the next step's rollouts are generated while this step is scored and trained on
+    (from the weights before this step's update: one update behind when they are trained on), and the
+    weights are synced once they are in; `ahead` holds them, and a checkpoint keeps them, so a resumed run
+    trains on exactly what the straight one would."""
 
     samples = True
+
+    def __init__(self, ctx: StageContext, cfg: StageConfig, sampler: MixSampler):
+        super().__init__(ctx, cfg, sampler)
+        self.ahead: Rollouts | None = None
 
     def max_tokens(self, step: int) -> int:
         grown = [tokens for from_step, tokens in sorted(self.cfg.sampling.max_tokens_schedule.items())
@@ -101,15 +158,27 @@ class GrpoStage(StageKind):
         """The loss is taken at the temperature the stage samples at (the policy that produced the data)."""
         return dataclasses.replace(super().spec(total_steps), temperature=self.cfg.sampling.temperature)
 
-    def step(self, step: int, global_step: int) -> dict[str, float]:
-        cfg, ctx = self.cfg, self.ctx
-        start = time.time()
+    def rollouts(self, step: int, global_step: int) -> Rollouts:
+        """Draw a step's prompts and start generating their responses (returns at once)."""
+        cfg = self.cfg
         problems = self.sampler.draw(cfg.batch_size)
         sampling = SamplingConfig(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                   max_tokens=self.max_tokens(step),
-                                  seed=ctx.cfg.trainer.seed * 100_003 + global_step)
-        trajs = ctx.generate(problems, sampling)
+                                  seed=self.ctx.cfg.trainer.seed * 100_003 + global_step)
+        return Rollouts(problems, sampling, self.ctx.generate_async(problems, sampling), time.time())
+
+    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
+        cfg, ctx, trainer = self.cfg, self.ctx, self.ctx.cfg.trainer
+        start = time.time()
+        batch, self.ahead = self.ahead or self.rollouts(step, global_step), None
+        trajs, problems = batch.trajectories(), batch.problems
         t_gen = time.time()
+        if trainer.mode == "one_step" and trainer.max_staleness >= 1 and not last:
+            self.ahead = self.rollouts(step + 1, global_step + 1)
+        staleness = [ctx.learner_version() - tr.weights_version for tr in trajs]
+        if max(staleness) > trainer.max_staleness:
+            raise RuntimeError(f"step {global_step}: rollouts {max(staleness)} updates behind the learner, past "
+                               f"trainer.max_staleness={trainer.max_staleness}; refusing to train on them")
         results = ctx.score({p.id: p for p in problems}, trajs, draw=global_step)
         t_reward = time.time()
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
@@ -120,19 +189,38 @@ class GrpoStage(StageKind):
                                rollout_logprobs=tr.response_logprobs) for tr, a in zip(trajs, adv.tolist())]
         kept = keep_informative(samples, group_ids, rewards) if cfg.algo.drop_uniform_groups else samples
         metrics = reward_metrics(trajs, results, len(kept))
-        metrics["rollout/max_tokens"] = sampling.max_tokens
+        metrics.update({"rollout/max_tokens": batch.sampling.max_tokens,
+                        "offpolicy/staleness_mean": sum(staleness) / len(staleness),
+                        "offpolicy/staleness_max": max(staleness)})
         if kept:
             metrics.update(ctx.train(kept))
-            t_train = time.time()
+        t_train = time.time()
+        if self.ahead:  # the engines take the new weights once the next step's responses are in
+            self.ahead.trajectories()
+        t_ahead = time.time()
+        if kept:
             metrics.update(ctx.sync())
         else:
-            t_train = time.time()
             metrics.update({"sync/version": ctx.versions()[0], "timing_s/sync": 0.0})
         tokens = sum(len(tr.response_token_ids) + len(tr.prompt_token_ids) for tr in trajs)
-        metrics.update({"timing_s/gen": t_gen - start, "timing_s/reward": t_reward - t_gen,
+        metrics.update({"timing_s/gen": t_gen - start, "perf/gen_s": batch.seconds,
+                        "timing_s/gen_ahead_wait": t_ahead - t_train, "timing_s/reward": t_reward - t_gen,
                         "timing_s/train": t_train - t_reward, "timing_s/step": time.time() - start,
                         "perf/tokens_per_s": tokens / max(time.time() - start, 1e-9)})
         return metrics
+
+    def state(self) -> dict:
+        return {"ahead": self.ahead.state() if self.ahead else None}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("ahead"):
+            by_id = {p.id: p for source in self.sampler.sources for p in source}
+            self.ahead = Rollouts.from_state(state["ahead"], by_id)
+
+    def finish(self) -> None:
+        if self.ahead:
+            self.ahead.trajectories()  # a failure to generate them still surfaces
+            self.ahead = None
 
 
 def keep_informative(samples: list[TrainSample], group_ids: list[str], rewards: torch.Tensor) -> list[TrainSample]:

@@ -153,7 +153,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         (version,) = peak('max by (run_id) (vireo_weights_version{run_id="prom-run"})').values()
         assert 1 <= version <= 4  # one sync per step
         phases = peak('sum by (phase) (vireo_step_duration_seconds_count{run_id="prom-run"})')
-        assert {json.loads(k)["phase"] for k in phases} == {"gen", "reward", "train", "sync", "step"}
+        assert {json.loads(k)["phase"] for k in phases} == {"gen", "reward", "train", "gen_ahead_wait", "sync", "step"}
         assert set(phases.values()) <= {1.0, 2.0, 3.0, 4.0}
         rules = api(base, "/api/v1/rules")["data"]["groups"]
         assert {r["name"]: r["health"] for g in rules for r in g["rules"]} == {

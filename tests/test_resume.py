@@ -6,6 +6,7 @@ GRPO's groups to earn rewards, and GRPO keeps uniform groups, so every GRPO step
 AdamW moments decide the steps after the resume."""
 from __future__ import annotations
 
+import json
 import math
 import shutil
 
@@ -142,3 +143,84 @@ def test_a_torn_metrics_row_is_cut_and_the_resume_gives_the_same_rows(fleet, tmp
     state = json.loads((torn / "checkpoints" / "grpo" / "trainer_state.json").read_text())
     assert state["config_sha256"] == hashlib.sha256(config).hexdigest()
     assert [row["changes"] for row in read_jsonl(torn / "overrides.jsonl")] == [{"faults.max_restarts": 7}]
+
+
+# ---- trainer.mode=one_step on the same config --------------------------------------------------------
+ONE_STEP = [*SHORT_DEMO, "trainer.mode=one_step"]
+GRPO_STEPS = range(41, 45)
+
+
+def records_versions(fleet, run_dir, generated: dict[int, set[int]], trained: dict[int, int]):
+    """Wrappers that record, per GRPO step (its sampling seed is its global step: trainer.seed 0), the
+    weights versions its responses were generated with, and the learner's version when it trains on them."""
+
+    def on_generate_async(generate_async):
+        def recording(requests, sampling):
+            future = generate_async(requests, sampling)
+            future.add_done_callback(lambda f: generated.__setitem__(
+                sampling.seed, {t.weights_version for t in f.result()}))
+            return future
+
+        return recording
+
+    def on_train(train):
+        def recording(samples):
+            rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "event" not in r]
+            trained[rows[-1]["step"] + 1 if rows else 1] = fleet.version + int(fleet.dirty)
+            return train(samples)
+
+        return recording
+
+    return on_generate_async, on_train
+
+
+@pytest.fixture(scope="module")
+def one_step_runs(fleet, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one-step")
+    generated: dict[int, set[int]] = {}
+    trained: dict[int, int] = {}
+    on_generate_async, on_train = records_versions(fleet, tmp / "straight", generated, trained)
+    with wrapped(fleet, "generate_async", on_generate_async), wrapped(fleet, "train", on_train):
+        straight = run_on(fleet, load_config("configs/demo.yaml", ONE_STEP), tmp / "straight")
+    with wrapped(fleet, "train", kills_learner_rank(fleet, tmp / "killed")), pytest.raises(RunStopped):
+        run_on(fleet, load_config("configs/demo.yaml", ONE_STEP), tmp / "killed")
+    resumed = run_on(fleet, resume_config(tmp / "killed" / "config.yaml"), tmp / "killed")
+    lagless = run_on(fleet, load_config("configs/demo.yaml", [*ONE_STEP, "trainer.max_staleness=0"]), tmp / "lagless")
+    return tmp, straight, resumed, lagless, generated, trained
+
+
+def test_one_step_trains_every_sample_one_update_behind_at_most(one_step_runs):
+    tmp, _, _, _, generated, trained = one_step_runs
+    assert sorted(generated) == list(GRPO_STEPS)
+    lags = {step: {trained[step] - v for v in generated[step]} for step in GRPO_STEPS}
+    assert lags == {41: {0}, 42: {1}, 43: {1}, 44: {1}}  # the first batch is generated before any update
+    rows = {r["step"]: r for r in read_jsonl(tmp / "straight" / "metrics.jsonl") if "event" not in r}
+    assert [rows[s]["offpolicy/staleness_max"] for s in GRPO_STEPS] == [0, 1, 1, 1]
+
+
+def test_one_step_killed_and_resumed_equals_straight(one_step_runs):
+    tmp, straight, resumed, *_ = one_step_runs
+    state = json.loads((tmp / "killed" / "checkpoints" / "grpo-step42" / "trainer_state.json").read_text())
+    assert len(state["kind"]["ahead"]["trajectories"]) == 6 * 4  # step 43's rollouts, generated during step 42
+    a, b = read_jsonl(tmp / "straight" / "metrics.jsonl"), read_jsonl(tmp / "killed" / "metrics.jsonl")
+    assert [r["step"] for r in b if "event" not in r] == STEPS
+    assert _comparable(a) == _comparable(b)
+    final = "connector/model.safetensors"
+    wa, wb = load_file(tmp / "straight" / "checkpoints" / final), load_file(tmp / "killed" / "checkpoints" / final)
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
+    assert straight["heldout_accuracy_final"] == resumed["heldout_accuracy_final"]
+
+
+def test_one_step_with_zero_staleness_equals_sync(straight_and_resumed, one_step_runs):
+    sync_dir, lagless_dir = straight_and_resumed[0] / "straight", one_step_runs[0] / "lagless"
+    a, b = _comparable(read_jsonl(sync_dir / "metrics.jsonl")), _comparable(read_jsonl(lagless_dir / "metrics.jsonl"))
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], float) and not math.isnan(x[key]):
+                assert y[key] == pytest.approx(x[key], abs=1e-6), (x["step"], key)
+            else:
+                assert x[key] == y[key] or (isinstance(y[key], float) and math.isnan(y[key])), (x["step"], key)
+    final = "connector/model.safetensors"
+    wa, wb = load_file(sync_dir / "checkpoints" / final), load_file(lagless_dir / "checkpoints" / final)
+    assert wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa)
