@@ -175,7 +175,8 @@ class GrpoStage(StageKind):
         t_gen = time.time()
         if trainer.mode == "one_step" and trainer.max_staleness >= 1 and not last:
             self.ahead = self.rollouts(step + 1, global_step + 1)
-        staleness = [ctx.learner_version() - tr.weights_version for tr in trajs]
+        learner = ctx.learner_version()
+        staleness = [learner - tr.weights_version for tr in trajs]
         if max(staleness) > trainer.max_staleness:
             raise RuntimeError(f"step {global_step}: rollouts {max(staleness)} updates behind the learner, past "
                                f"trainer.max_staleness={trainer.max_staleness}; refusing to train on them")
