@@ -186,20 +186,23 @@ PROMETHEUS_GAUGES = {
 }
 STEP_TIME_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 TIMING_PREFIX, SKIPPED_PREFIX, RESTARTS_KEY = "timing_s/", "data/skipped/", "actors/restarts"
-LINGER_MAX_S = 120  # the longest close waits for Prometheus's next scrape
+LINGER_MAX_S = 120  # the longest close waits for Prometheus's scrapes of the end status
 LINGER_MIN_S = 10
+LINGER_SCRAPES = 2  # one may still be lost: a loaded endpoint answers past the scraper's timeout
 
 
 class ScrapeClock:
-    """A collector that exports nothing and notes when the endpoint was last scraped (the last two times).
+    """A collector that exports nothing and notes when the endpoint was last scraped (the last few times).
     A registry collects in registration order: registered first, it notes when scrapes start; last, when
     their collection is done."""
+
+    KEPT = 4
 
     def __init__(self):
         self.times: list[float] = []
 
     def collect(self) -> list:
-        self.times = [*self.times[-1:], time.monotonic()]
+        self.times = [*self.times[1 - self.KEPT:], time.monotonic()]
         return []
 
 
@@ -209,8 +212,8 @@ class PrometheusBackend:
     http://<tracking.prometheus.host>:<port>/metrics while the run lives. Gauges carry {run_id, stage}; a
     stage's gauges are dropped when the next stage starts, so its lines end there. Row values that are
     cumulative (restarts, skipped rows, tracker errors) become counters by their increase. At the end,
-    vireo_run_finished{status} is held out for one more scrape: an alert tells a run that ended from one
-    that was lost (deploy/prometheus/alerts.yml, VireoRunNotScraped)."""
+    vireo_run_finished{status} is held out for LINGER_SCRAPES more scrapes: an alert tells a run that ended
+    from one that was lost (deploy/prometheus/alerts.yml, VireoRunNotScraped)."""
 
     def start(self, run: RunContext) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -273,23 +276,24 @@ class PrometheusBackend:
         self._cumulative[key] = max(total, self._cumulative.get(key, 0.0))
 
     def close(self, status: str = "FINISHED") -> None:
-        """The end status, then, on an endpoint being scraped, a scrape that started after it was set and
-        has collected everything (a scrape already under way may have read the status before it was set),
-        then the endpoint goes. It waits at most 3 scrape intervals, within [LINGER_MIN_S, LINGER_MAX_S]: a
-        loaded scraper is late by seconds, a lost one is not waited for long."""
+        """The end status, then, on an endpoint being scraped, LINGER_SCRAPES scrapes that started after it
+        was set and collected everything (one already under way may have read the status before it was set;
+        one may be lost to the scraper's timeout), then the endpoint goes. It waits at most 3 scrape
+        intervals, within [LINGER_MIN_S, LINGER_MAX_S]: a loaded scraper is late by seconds, a lost one is
+        not waited for long."""
         self.finished.labels(self.run_id, status).set(1)
         set_at, scraped = time.monotonic(), self.clock.times
-        if len(scraped) == 2:
-            deadline = set_at + min(max(3 * (scraped[1] - scraped[0]), LINGER_MIN_S), LINGER_MAX_S)
-            while not self._scraped_since(set_at) and time.monotonic() < deadline:
+        if len(scraped) >= 2:
+            deadline = set_at + min(max(3 * (scraped[-1] - scraped[-2]), LINGER_MIN_S), LINGER_MAX_S)
+            while self._scrapes_since(set_at) < LINGER_SCRAPES and time.monotonic() < deadline:
                 time.sleep(0.1)
         self.server.shutdown()
         self.server.server_close()
 
-    def _scraped_since(self, moment: float) -> bool:
-        """A scrape has started after `moment` and collected every metric."""
-        started, done = self.scrape_start.times, self.clock.times
-        return bool(started) and started[-1] > moment and done[-1] > started[-1]
+    def _scrapes_since(self, moment: float) -> int:
+        """Scrapes that started after `moment` and have collected every metric."""
+        started = [t for t in self.scrape_start.times if t > moment]
+        return sum(t > started[0] for t in self.clock.times) if started else 0
 
 
 # ---- MLflow --------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ faults into it (by wrapping a fleet method for one run; nothing subclasses the r
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 # 2 rollout actors and a warm spare, 2 learner ranks: what every config run on the shared fleet must say.
@@ -25,3 +26,18 @@ def wrapped(obj, name: str, wrapper: Callable[[Callable], Callable]) -> Iterator
         yield
     finally:
         delattr(obj, name)
+
+
+def killed(actor, within_s: float = 120.0) -> None:
+    """ray.kill, then wait until the actor no longer answers: the kill goes through Ray's control plane while
+    a call goes straight to the actor, so a call made just after ray.kill may still be answered."""
+    import ray
+
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_call__.remote(lambda self: None), timeout=within_s)
+        except ray.exceptions.RayActorError:
+            return
+    raise TimeoutError(f"a killed actor still answered after {within_s:g} s")

@@ -13,6 +13,8 @@ import time
 
 import ray
 
+from fleets import killed
+
 from actors.supervision import RestartBudget
 from reward.compose import RewardConfig, RewardScorer
 from reward.types import ScoreRequest
@@ -95,7 +97,7 @@ def test_a_replacement_lost_while_receiving_the_weights_is_one_more_restart(flee
     def dies_on_first_catch_up(actors):
         if not lost:
             lost.append(actors[0])
-            ray.kill(actors[0])  # dies as the learner starts pushing it the weights
+            killed(actors[0])  # dies as the learner starts pushing it the weights
         return catch_up(actors)
 
     pool.ready()
@@ -104,7 +106,7 @@ def test_a_replacement_lost_while_receiving_the_weights_is_one_more_restart(flee
     pool.spares = [s for s in pool.spares if s not in parked]
     try:
         with attributes(pool, catch_up=dies_on_first_catch_up, budget=budget, spare_count=0):
-            ray.kill(pool.actors[0])
+            killed(pool.actors[0])
             fleet.versions()  # slot 0 is lost and replaced; slot 1 serves meanwhile
             pool.ready()  # the replacement comes up, dies while caught up, and the next one takes the weights
             assert lost and lost[0] not in pool.actors

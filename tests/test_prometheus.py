@@ -125,9 +125,14 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
         def close_once_scraped(backend, status="FINISHED"):
             """The run's endpoint closes when the run ends; a short run may end before Prometheus has scraped
             its last values (the final evaluation) or two points of a rate. Hold the endpoint open until
-            every panel has data (bounded), as a long run's scrapes would."""
+            every panel has data and Prometheus holds the end status as close sets it (bounded), as a long
+            run's scrapes would: a scrape may fail on a loaded machine (1 s scrape timeout here), which is a
+            gap in monitoring, not a fault of the run (the linger itself: test_a_lost_run_alerts_...)."""
             deadline = time.time() + 120
             while empty_panels() and time.time() < deadline:
+                time.sleep(1)
+            backend.finished.labels(backend.run_id, status).set(1)
+            while not query(f'vireo_run_finished{{run_id="{run_id}"}}') and time.time() < deadline + 120:
                 time.sleep(1)
             close(backend, status)
 
@@ -177,7 +182,7 @@ def test_every_dashboard_query_has_data_from_a_live_run(prometheus_tools, fleet,
 
 def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path):
     """Alert expressions on a real Prometheus scraping two controller endpoints: tracker errors counted by
-    one fire VireoTrackerFailing; then one closes (its end status is held out for one more scrape), the other
+    one fire VireoTrackerFailing; then one closes (its end status is held out for its last scrapes), the other
     vanishes without closing, and only that one fires VireoRunNotScraped."""
     alerts = {r["alert"]: r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
     cfg = load_config(None, ["tracking.prometheus.port=0"])
@@ -196,7 +201,7 @@ def test_a_lost_run_alerts_and_an_ended_one_does_not(prometheus_tools, tmp_path)
         def now(expr: str) -> set[str]:
             return {s["metric"].get("run_id", "") for s in api(base, "/api/v1/query", query=expr)["data"]["result"]}
 
-        _wait(lambda: now("vireo_step") == {"ended", "lost"} and all(len(b.clock.times) == 2
+        _wait(lambda: now("vireo_step") == {"ended", "lost"} and all(len(b.clock.times) >= 2
                                                                     for b in backends.values()), 60, "two scrapes")
         assert now(alerts["VireoRunNotScraped"]) == now(alerts["VireoTrackerFailing"]) == set()  # both fine
         backends["ended"].log(2, {"stage": "grpo", "tracking/errors": 3})
