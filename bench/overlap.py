@@ -1,5 +1,6 @@
-"""Where overlapping generation with training pays (issue 19): steps per second of `trainer.mode=one_step`
-over `sync` on the same work and layout, each side's idle share, and whether the speed cost learning.
+"""Where overlapping generation with training pays (issue 19): steps per second of `trainer.mode=one_step` and
+of `async` with max_staleness 2 over `sync` on the same work and layout, each side's idle share, and whether
+the speed cost learning.
 
 Two layouts of the same actors (2 rollout engines, 2 learner ranks, the demo's step: 32 prompts x 8 samples):
 - colocated: every actor may run on every core (the demo's topology): on 2 cores both phases already use
@@ -9,18 +10,18 @@ Two layouts of the same actors (2 rollout engines, 2 learner ranks, the demo's s
   synchronous step leaves one side idle while the other works.
 
 Speed: one warm fleet per layout, from one cold-start checkpoint (so responses have the trained lengths);
-`--runs` rounds of `--steps` GRPO steps per mode, the modes alternating (sync first on even rounds), the first
-step of each round a discarded warm-up; the median step time per mode; each side's idle share is 1 - the CPU
+`--runs` rounds of `--steps` GRPO steps per mode, the modes alternating (reversed on odd rounds), the batches
+generated ahead let go at each switch and the first step of each round a discarded warm-up; the median step time per mode; each side's idle share is 1 - the CPU
 seconds its processes used (psutil) over wall time x the cores its threads can use. Learning: from the same
 checkpoint, one run per mode and seed of `--learn-steps` steps on the colocated fleet; held-out accuracy at
-the end, and reward by wall-clock and by samples on one plot. `async` (bounded-staleness streaming) is not
-built yet, so only one_step is measured.
+the end, and reward by wall-clock and by samples on one plot.
 
     python -m bench.overlap [--runs 3] [--steps 6] [--learn-steps 30] [--seeds 0,1] [--out runs/overlap]
 
 Prints the tables, then one JSON object as the last line: overlap_speedup_colocated,
-overlap_speedup_disaggregated, idle_fraction (per layout, mode and side), step_s, heldout_accuracy (per
-mode and seed), sync_seed_spread_points, one_step_minus_sync_points, plot, minutes.
+overlap_speedup_disaggregated (the better overlapping mode's), speedup (per layout and mode), idle_fraction
+(per layout, mode and side), step_s, heldout_accuracy (per mode and seed), sync_seed_spread_points,
+minus_sync_points (per mode), plot, minutes.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ import ray
 from bench.learning import build_seed, start_ray
 from services.run_dir import METRICS_FILE, read_jsonl
 
-MODES = ("sync", "one_step")
+MODES = {"sync": ("sync", 1), "one_step": ("one_step", 1), "async_k2": ("async", 2)}  # trainer.mode, max_staleness
+OVERLAPPING = [m for m in MODES if m != "sync"]
 BASE = ["evaluation.samples=0", "evaluation.max_tokens=40", "rollout.spares=0", "tracking.backends=[jsonl]"]
 
 
@@ -111,10 +113,11 @@ def measure_speed(cfg, fleet, runs: int, steps: int, work: Path) -> dict[str, di
     out = {mode: {"step_s": [], "busy": {s: 0.0 for s in sides}, "wall": 0.0} for mode in MODES}
     step = 0
     for round_index in range(runs):
-        for mode in (MODES if round_index % 2 == 0 else MODES[::-1]):
-            run.cfg.trainer.mode = mode  # read by the stage at every step
+        for mode in (list(MODES) if round_index % 2 == 0 else list(MODES)[::-1]):
+            kind.finish()  # the previous mode's batches generated ahead are let go
+            run.cfg.trainer.mode, run.cfg.trainer.max_staleness = MODES[mode]  # read by the stage at every step
             step += 1
-            kind.step(step, step)  # warm-up: the previous mode's prefetched batch, or none
+            kind.step(step, step)  # warm-up
             before, started = {s: cpu_seconds(p) for s, p in sides.items()}, time.time()
             for _ in range(steps):
                 step += 1
@@ -151,7 +154,7 @@ def plot(learning: dict[str, dict[int, dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), constrained_layout=True)
-    colours = {"sync": "tab:blue", "one_step": "tab:orange"}
+    colours = {"sync": "tab:blue", "one_step": "tab:orange", "async_k2": "tab:green"}
     for mode, by_seed in learning.items():
         for i, result in enumerate(by_seed.values()):
             clock, samples, reward = zip(*result["curve"])
@@ -199,9 +202,9 @@ def main() -> None:
         demo, checkpoint = cold_start(out, fleet_for)
         learning: dict[str, dict[int, dict]] = {mode: {} for mode in MODES}
         for seed in seeds:
-            for mode in MODES:
-                cfg = grpo_only(demo, checkpoint, [f"trainer.mode={mode}", f"trainer.seed={seed}",
-                                                   f"stages.grpo.end.max_steps={args.learn_steps}"])
+            for mode, (trainer_mode, staleness) in MODES.items():
+                cfg = grpo_only(demo, checkpoint, [f"trainer.mode={trainer_mode}", f"trainer.max_staleness={staleness}",
+                                                   f"trainer.seed={seed}", f"stages.grpo.end.max_steps={args.learn_steps}"])
                 learning[mode][seed] = learning_run(cfg, fleet_for(cfg), out / f"learn-{mode}-seed{seed}")
                 print(f"# learning {mode} seed {seed}: held-out {learning[mode][seed]['accuracy']:.3f}", flush=True)
         speed = {}
@@ -216,28 +219,29 @@ def main() -> None:
         ray.shutdown()
         head.terminate()
 
-    speedup = {layout: s["sync"]["step_s"] / s["one_step"]["step_s"] for layout, s in speed.items()}
+    speedup = {layout: {m: s["sync"]["step_s"] / s[m]["step_s"] for m in MODES} for layout, s in speed.items()}
     print(f"\n{'layout':<15}{'mode':<10}{'s/step':>8}{'steps/s':>9}{'speed-up':>10}{'rollout idle':>14}{'learner idle':>14}")
     for layout, by_mode in speed.items():
         for mode, s in by_mode.items():
-            up = speedup[layout] if mode == "one_step" else 1.0
-            print(f"{layout:<15}{mode:<10}{s['step_s']:8.2f}{1 / s['step_s']:9.3f}{up:10.2f}"
+            print(f"{layout:<15}{mode:<10}{s['step_s']:8.2f}{1 / s['step_s']:9.3f}{speedup[layout][mode]:10.2f}"
                   f"{s['idle']['rollout']:14.2f}{s['idle']['learner']:14.2f}")
     print(f"\n{'mode':<10}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds) + f"{'mean':>10}")
     accuracy = {mode: {seed: r["accuracy"] for seed, r in by_seed.items()} for mode, by_seed in learning.items()}
     for mode, by_seed in accuracy.items():
         print(f"{mode:<10}" + "".join(f"{a:10.3f}" for a in by_seed.values()) + f"{statistics.mean(by_seed.values()):10.3f}")
     spread = 100 * (max(accuracy["sync"].values()) - min(accuracy["sync"].values()))
-    diff = 100 * statistics.mean(accuracy["one_step"][s] - accuracy["sync"][s] for s in seeds)
-    print(f"\nheld-out accuracy after {args.learn_steps} steps: one_step - sync {diff:+.1f} points (mean over seeds); "
-          f"sync's own spread over seeds {spread:.1f} points")
+    diff = {m: 100 * statistics.mean(accuracy[m][s] - accuracy["sync"][s] for s in seeds) for m in OVERLAPPING}
+    print(f"\nheld-out accuracy after {args.learn_steps} steps, mean over seeds: "
+          + ", ".join(f"{m} - sync {d:+.1f} points" for m, d in diff.items())
+          + f"; sync's own spread over seeds {spread:.1f} points")
     print(json.dumps({
-        "overlap_speedup_colocated": round(speedup["colocated"], 3),
-        "overlap_speedup_disaggregated": round(speedup["disaggregated"], 3),
+        "overlap_speedup_colocated": round(max(speedup["colocated"][m] for m in OVERLAPPING), 3),
+        "overlap_speedup_disaggregated": round(max(speedup["disaggregated"][m] for m in OVERLAPPING), 3),
+        "speedup": {layout: {m: round(v, 3) for m, v in by_mode.items()} for layout, by_mode in speedup.items()},
         "idle_fraction": {layout: {mode: s["idle"] for mode, s in by_mode.items()} for layout, by_mode in speed.items()},
         "step_s": {layout: {mode: round(s["step_s"], 3) for mode, s in by_mode.items()} for layout, by_mode in speed.items()},
         "heldout_accuracy": accuracy, "sync_seed_spread_points": round(spread, 1),
-        "one_step_minus_sync_points": round(diff, 1), "learn_steps": args.learn_steps,
+        "minus_sync_points": {m: round(d, 1) for m, d in diff.items()}, "learn_steps": args.learn_steps,
         "plot": str(plot(learning, out / "reward.png")), "out": str(out),
         "minutes": round((time.time() - started) / 60, 1)}))
 

@@ -20,7 +20,7 @@ from services.config import ConfigError, RunConfig, flat, parse_config, to_yaml
 from services.data.synthetic import MIN_IMAGE_SIZE, TASKS
 from services.evaluation import EVAL_MODES
 from services.selection import CRITERIA
-from services.stages import STAGE_KINDS, TRAINER_MODES
+from services.stages import STAGE_KINDS, STALENESS_POLICIES, TRAINER_MODES
 from services.tracking import TRACKER_BACKENDS
 
 
@@ -91,6 +91,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.evaluation.limit >= 0, "evaluation.limit must be >= 0"),
         (cfg.trainer.probe_every >= 0, "trainer.probe_every must be >= 0"),
         one_of(cfg.trainer.mode, TRAINER_MODES, "trainer.mode"),
+        one_of(cfg.trainer.staleness_policy, STALENESS_POLICIES, "trainer.staleness_policy"),
         (cfg.trainer.max_staleness >= 0, "trainer.max_staleness must be >= 0"),
     ]
     checks += [
@@ -197,8 +198,9 @@ def validate(cfg: RunConfig) -> None:
 RESUMABLE_CHANGES = ("name", "out_dir", "run_dir", "resume", "ray_address", "worker_logs_to_console",
                      "rollout.num_actors", "rollout.spares", "rollout.num_cpus_per_actor", "rollout.num_gpus_per_actor",
                      "rollout.engine.cpu_threads", "rollout.engine.cpu_kvcache_gib",
-                     "rollout.engine.gpu_memory_utilization", "learner.num_ranks", "learner.num_cpus_per_rank",
-                     "learner.num_gpus_per_rank", "learner.master_port", "learner.optim.micro_batch_size",
+                     "rollout.engine.gpu_memory_utilization", "rollout.cpu_affinity", "learner.num_ranks",
+                     "learner.num_cpus_per_rank", "learner.num_gpus_per_rank", "learner.cpu_affinity",
+                     "learner.master_port", "learner.optim.micro_batch_size",
                      "reward.workers", "faults.", "checkpoint.keep_last", "checkpoint.keep_best", "tracking.")
 
 

@@ -87,15 +87,20 @@ class TrainerConfig:
     """Run-wide loop settings; everything a stage decides lives in its StageConfig.
 
     mode (services.stages.TRAINER_MODES): `sync` generates a GRPO step's rollouts, then scores and trains
-    on them; `one_step` generates step k+1's rollouts while step k is scored and trained, so they come from
-    the weights one update behind the learner (lag 1). max_staleness: the most updates a sample's weights
-    may be behind the learner's when it is trained on: generation never runs further ahead (a one_step run
-    with 0 waits, i.e. runs as sync), and a batch past it is refused, not trained on."""
+    on them; `one_step` generates and scores step k+1's rollouts while step k trains, from the weights one
+    update behind the learner (lag 1, deterministic); `async` keeps up to max_staleness steps' rollouts
+    generating ahead, on whatever weights the engines hold when they get to them (a sync goes first):
+    faster when generation's time varies, not reproducible bit for bit. max_staleness: the most updates a
+    sample's weights may be behind the learner's when it is trained on (0: as sync). staleness_policy
+    (services.stages.STALENESS_POLICIES): `wait` holds generation back so no batch is past it (a batch that
+    is, e.g. after resuming with a lower bound, is refused); `drop` lets async generate one step further
+    ahead and drops a batch that comes in past the bound."""
 
     probe_every: int = 1
     seed: int = 0
     mode: str = "sync"
     max_staleness: int = 1
+    staleness_policy: str = "wait"
 
 
 @dataclass

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -135,8 +136,11 @@ class Fleet:
         # One call at a time on the rollout pool (a background generate included: a sync waits for it, so
         # weights change between requests, never during one), and on the learner group (a replacement's
         # catch-up from a background generate cannot interleave its collectives with a train step's).
-        # Always taken in that order.
-        self._pool_lock, self._learner_lock = threading.RLock(), threading.RLock()
+        # Always taken in that order. The reward actor too takes one batch at a time (a background scoring
+        # and an evaluation's). A sync waiting for the pool goes before the next queued background
+        # generate (`_syncs_waiting`, trainer.mode=async), not before one under way.
+        self._pool_lock, self._learner_lock, self._reward_lock = threading.RLock(), threading.RLock(), threading.RLock()
+        self._gate, self._syncs_waiting = threading.Condition(), 0
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vireo-generate")
         needed = self._attach(learners)
         self.pool = RolloutPool(self._new_rollout_actor, cfg.rollout.num_actors, cfg.faults.rollout_timeout_s,
@@ -261,7 +265,7 @@ class Fleet:
     def close(self) -> None:
         """Kill every actor of the fleet (on a shared cluster nothing of it may linger), once a background
         generate has ended (killed under it, the pool would start replacements)."""
-        self._background.shutdown(wait=True)
+        self._background.shutdown(wait=True, cancel_futures=True)
         self.pool.kill()
         ray.kill(self.reward.actor, no_restart=True)
         if self.learners:
@@ -272,10 +276,20 @@ class Fleet:
         with self._pool_lock:
             return self.pool.call_all("weights_version")
 
-    def generate_async(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> Future:
-        """`generate` in the background (trainer.mode=one_step: the next step's rollouts while this one
-        trains); the Future gives the trajectories, or raises what generate raised."""
-        return self._background.submit(self.generate, requests, sampling)
+    def generate_async(self, requests: list[RolloutRequest], sampling: SamplingConfig,
+                       then: Callable[[list[Trajectory]], Any] | None = None) -> Future:
+        """`generate` in the background, one call after another (trainer.mode one_step/async: later steps'
+        rollouts while this one trains), each after any sync waiting for the pool; `then` runs on the
+        trajectories on the same thread (the stage scores them there, off the learner's path). The Future
+        gives what `then` returned (else the trajectories), or raises what either raised."""
+
+        def generate_then():
+            with self._gate:
+                self._gate.wait_for(lambda: not self._syncs_waiting)
+            trajectories = self.generate(requests, sampling)
+            return then(trajectories) if then else trajectories
+
+        return self._background.submit(generate_then)
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig) -> list[Trajectory]:
         """Spread prompts over the rollout actors (a lost actor's share goes to the live ones); refuses to
@@ -299,6 +313,10 @@ class Fleet:
         actor dies or runs past it is scored in halves on the fresh actor, each with its own deadline,
         not retried whole: the answer that hangs or kills a worker is isolated and the rest are scored.
         A split batch's random-reward control (reward.kind=random) draws per part."""
+        with self._reward_lock:
+            return self._score(requests, draw)
+
+    def _score(self, requests: list[ScoreRequest], draw: int) -> list[RewardResult]:
         if len(requests) <= 1:
             return self.reward.call("score_batch", requests, draw, timeout_s=reward_deadline(self.cfg, len(requests)))
         try:
@@ -311,10 +329,11 @@ class Fleet:
             half = len(requests) // 2
             self.log(f"[faults] scoring the {len(requests)} answers again in two parts of {half} and "
                      f"{len(requests) - half}")
-            return self.score(requests[:half], draw) + self.score(requests[half:], draw)
+            return self._score(requests[:half], draw) + self._score(requests[half:], draw)
 
     def score_benchmark(self, rows: list[dict], protocol: str, mode: str) -> list:
-        return self.reward.call("score_benchmark", rows, protocol, mode)
+        with self._reward_lock:
+            return self.reward.call("score_benchmark", rows, protocol, mode)
 
     def begin_stage(self, spec, reference: str | None = None) -> dict[str, int]:
         return self._learner_call(self.learners.begin_stage, spec, reference)
@@ -338,8 +357,15 @@ class Fleet:
         rollout actor lost during the sync is replaced and every engine then gets every group as a new
         version (some may already hold the half-delivered one). Spares that came up since get the weights
         whole, off the next step's path."""
-        with self._pool_lock:
-            return self._sync()
+        with self._gate:
+            self._syncs_waiting += 1
+        try:
+            with self._pool_lock:
+                return self._sync()
+        finally:
+            with self._gate:
+                self._syncs_waiting -= 1
+                self._gate.notify_all()
 
     def _sync(self) -> dict[str, float]:
         start, everything = time.time(), False

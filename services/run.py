@@ -12,9 +12,11 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 import torch
@@ -230,9 +232,10 @@ class Run:
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
         return self.fleet.generate(rollout_requests(self.processor, problems, self.cfg.data.system_prompt), sampling)
 
-    def generate_async(self, problems: list[Problem], sampling: SamplingConfig) -> Future:
+    def generate_async(self, problems: list[Problem], sampling: SamplingConfig,
+                       then: Callable[[list[Trajectory]], Any] | None = None) -> Future:
         return self.fleet.generate_async(rollout_requests(self.processor, problems, self.cfg.data.system_prompt),
-                                         sampling)
+                                         sampling, then)
 
     def learner_version(self) -> int:
         """The version of the learner's weights: the engines' after a sync, one more once it has trained."""
@@ -408,7 +411,7 @@ class Run:
         while reason is None:
             stage.step += 1
             step = stage.step
-            metrics = stage.kind.step(step, stage.global_step, last=step >= end.limit)
+            metrics = stage.kind.step(step, stage.global_step, steps_left=max(end.limit - step, 0))
             metrics.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
             metrics.update({"stage/index": index, "stage/step": step, "stage/epoch": stage.kind.sampler.epochs,
                             **self.fleet.fault_metrics()})

@@ -1,7 +1,7 @@
 """Stage kinds and end rules: a run is a list of stages (R1V3 §2–§3: cold-start SFT -> GRPO -> connector-only).
 
-A stage kind is one registered class with `step(step, global_step, last) -> metrics`; the run (services/run.py) owns the
-loop, the checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext
+A stage kind is one registered class with `step(step, global_step, steps_left) -> metrics`; the run
+(services/run.py) owns the loop, the checkpoints and the evaluations around it. Kinds talk to the actors only through a StageContext
 (the run is one; a test may pass its own), so this module does not import the run that imports it.
 """
 from __future__ import annotations
@@ -10,8 +10,9 @@ import dataclasses
 import math
 import time
 from collections import Counter, deque
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -34,7 +35,8 @@ class StageContext(Protocol):
 
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]: ...
 
-    def generate_async(self, problems: list[Problem], sampling: SamplingConfig) -> Future: ...
+    def generate_async(self, problems: list[Problem], sampling: SamplingConfig,
+                       then: Callable[[list[Trajectory]], Any] | None = None) -> Future: ...
 
     def learner_version(self) -> int: ...
 
@@ -50,7 +52,8 @@ class StageContext(Protocol):
     def versions(self) -> list[int]: ...
 
 STAGE_KINDS: Registry[type[StageKind]] = Registry("stage kind")
-TRAINER_MODES = ("sync", "one_step")  # trainer.mode (services.config.TrainerConfig)
+TRAINER_MODES = ("sync", "one_step", "async")  # trainer.mode (services.config.TrainerConfig)
+STALENESS_POLICIES = ("wait", "drop")  # trainer.staleness_policy
 register_stage_kind = STAGE_KINDS.register
 get_stage_kind = STAGE_KINDS.lookup
 
@@ -73,8 +76,8 @@ class StageKind:
             loss = dataclasses.replace(loss, policy_loss=self.policy_loss)
         return StageSpec(cfg.name, tuple(cfg.trainable), total_steps, cfg.optim, loss)
 
-    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
-        """One step; `last`: the stage's step limit is reached after it (nothing is to be prepared ahead)."""
+    def step(self, step: int, global_step: int, steps_left: int | None = None) -> dict[str, float]:
+        """One step; `steps_left`: how many the stage's step limit allows after it (no more is prepared)."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -85,7 +88,7 @@ class StageKind:
         pass
 
     def finish(self) -> None:
-        """The stage ended (by its end rule, maybe before `last`): work prepared ahead is let go."""
+        """The stage ended (by its end rule, maybe before its step limit): work prepared ahead is let go."""
 
 
 @register_stage_kind("sft")
@@ -95,7 +98,7 @@ class SftStage(StageKind):
     needs_solution = True
     policy_loss = "sft"
 
-    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
+    def step(self, step: int, global_step: int, steps_left: int | None = None) -> dict[str, float]:
         start = time.time()
         samples = [self.ctx.sft_sample(p) for p in self.sampler.draw(self.cfg.batch_size)]
         metrics = self.ctx.train(samples)
@@ -104,50 +107,77 @@ class SftStage(StageKind):
 
 
 @dataclasses.dataclass
+class Responses:
+    """A step's trajectories, their rewards when they were scored where they were generated (None: the step
+    scores them), and the seconds from dispatch until they were in and that scoring took."""
+
+    trajectories: list[Trajectory]
+    results: list[RewardResult] | None
+    gen_s: float
+    reward_s: float = 0.0
+
+
+@dataclasses.dataclass
 class Rollouts:
-    """One GRPO step's prompts, sampling and responses: a Future while they are being generated (in the
-    background when generated ahead), the trajectories once in."""
+    """One GRPO step's prompts and sampling, and its Responses: a Future while they are being generated (in
+    the background when generated ahead), then what it gave. `generated` is done once the engines have
+    answered (scoring may still run)."""
 
     problems: list[Problem]
     sampling: SamplingConfig
-    responses: Future | list[Trajectory]
-    started: float
-    seconds: float = 0.0  # from dispatch until the responses were in
+    responses: Future | Responses
+    generated: Future
 
-    def trajectories(self) -> list[Trajectory]:
-        """The responses, waiting for them if they are still being generated."""
+    def get(self) -> Responses:
+        """The responses, waiting for them if they are still being generated or scored."""
         if isinstance(self.responses, Future):
             self.responses = self.responses.result()
-            self.seconds = time.time() - self.started
         return self.responses
 
+    def wait_generated(self) -> None:
+        """Until the engines have answered (or the generate failed: get() raises it)."""
+        if isinstance(self.responses, Future):
+            wait([self.generated, self.responses], return_when=FIRST_COMPLETED)
+
     def state(self) -> dict:
+        got = self.get()
         return {"problems": [p.id for p in self.problems], "sampling": dataclasses.asdict(self.sampling),
                 "trajectories": [{f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name != "images"}
-                                 for t in self.trajectories()], "seconds": self.seconds}
+                                 for t in got.trajectories],
+                "results": None if got.results is None else [dataclasses.asdict(r) for r in got.results],
+                "gen_s": got.gen_s, "reward_s": got.reward_s}
 
     @classmethod
     def from_state(cls, state: dict, problems: dict[str, Problem]) -> Rollouts:
         """A checkpoint's rollouts, each trajectory given its problem's images again (not saved twice)."""
         chosen = [problems[pid] for pid in state["problems"]]
         trajs = [Trajectory(**t, images=problems[t["prompt_id"]].images) for t in state["trajectories"]]
-        return cls(chosen, SamplingConfig(**state["sampling"]), trajs, 0.0, state["seconds"])
+        results = None if state["results"] is None else [RewardResult(**r) for r in state["results"]]
+        generated: Future = Future()
+        generated.set_result(None)
+        return cls(chosen, SamplingConfig(**state["sampling"]),
+                   Responses(trajs, results, state["gen_s"], state["reward_s"]), generated)
 
 
 @register_stage_kind("grpo")
 class GrpoStage(StageKind):
     """Rollouts -> rewards -> group advantages -> policy update -> weights back (R1V3 §3.3).
 
-    trainer.mode=one_step: the next step's rollouts are generated while this step is scored and trained on
-    (from the weights before this step's update: one update behind when they are trained on), and the
-    weights are synced once they are in; `ahead` holds them, and a checkpoint keeps them, so a resumed run
-    trains on exactly what the straight one would."""
+    trainer.mode (`depth`) sets how many later steps' rollouts are generated, and scored, in the background
+    while this step trains; `ahead` holds them in step order, and a checkpoint keeps them (with the counter
+    of the next step to dispatch), so a resumed run trains on what was generated. one_step: the next step's,
+    from the weights before this step's update (the sync waits for them: lag exactly 1, deterministic).
+    async: up to max_staleness steps ahead, generated whenever the engines are free (a sync goes before the
+    next queued generate, not before one under way): a sample's weights are at most max_staleness updates
+    behind by construction; with staleness_policy=drop one step more is generated, and a batch that comes
+    in past the bound is dropped whole (`offpolicy/dropped_batches`), not trained on."""
 
     samples = True
 
     def __init__(self, ctx: StageContext, cfg: StageConfig, sampler: MixSampler):
         super().__init__(ctx, cfg, sampler)
-        self.ahead: Rollouts | None = None
+        self.ahead: deque[Rollouts] = deque()
+        self.next: tuple[int, int] | None = None  # (step, global step) of the next batch to dispatch
 
     def max_tokens(self, step: int) -> int:
         grown = [tokens for from_step, tokens in sorted(self.cfg.sampling.max_tokens_schedule.items())
@@ -158,29 +188,66 @@ class GrpoStage(StageKind):
         """The loss is taken at the temperature the stage samples at (the policy that produced the data)."""
         return dataclasses.replace(super().spec(total_steps), temperature=self.cfg.sampling.temperature)
 
-    def rollouts(self, step: int, global_step: int) -> Rollouts:
-        """Draw a step's prompts and start generating their responses (returns at once)."""
-        cfg = self.cfg
+    def depth(self) -> int:
+        """How many steps' rollouts are generated ahead of the one being trained."""
+        trainer = self.ctx.cfg.trainer
+        if trainer.mode == "sync":
+            return 0
+        if trainer.mode == "one_step":
+            return min(trainer.max_staleness, 1)
+        return trainer.max_staleness + (trainer.staleness_policy == "drop")
+
+    def dispatch(self) -> None:
+        """Draw the next step's prompts and start generating their responses (returns at once); scored
+        where they are generated unless the run is sync (there the step scores them, as its own phase)."""
+        cfg, (step, global_step) = self.cfg, self.next
+        self.next = (step + 1, global_step + 1)
         problems = self.sampler.draw(cfg.batch_size)
+        by_id = {p.id: p for p in problems}
         sampling = SamplingConfig(n=cfg.sampling.n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                   max_tokens=self.max_tokens(step),
                                   seed=self.ctx.cfg.trainer.seed * 100_003 + global_step)
-        return Rollouts(problems, sampling, self.ctx.generate_async(problems, sampling), time.time())
+        score, started, generated = self.ctx.cfg.trainer.mode != "sync", time.time(), Future()
 
-    def step(self, step: int, global_step: int, last: bool = False) -> dict[str, float]:
-        cfg, ctx, trainer = self.cfg, self.ctx, self.ctx.cfg.trainer
+        def scored(trajectories: list[Trajectory]) -> Responses:  # on the thread that generated them
+            gen_s = time.time() - started
+            generated.set_result(None)
+            results = self.ctx.score(by_id, trajectories, draw=global_step) if score else None
+            return Responses(trajectories, results, gen_s, time.time() - started - gen_s)
+
+        self.ahead.append(Rollouts(problems, sampling, self.ctx.generate_async(problems, sampling, scored), generated))
+
+    def take(self, global_step: int) -> tuple[Rollouts, list[int], int]:
+        """This step's rollouts, the staleness of each sample (updates behind the learner) and how many
+        batches were dropped past the bound first."""
+        trainer, dropped = self.ctx.cfg.trainer, 0
+        learner = self.ctx.learner_version()
+        while True:
+            if not self.ahead:
+                self.dispatch()
+            batch = self.ahead.popleft()
+            staleness = [learner - tr.weights_version for tr in batch.get().trajectories]
+            if max(staleness) <= trainer.max_staleness:
+                return batch, staleness, dropped
+            if trainer.staleness_policy != "drop":
+                raise RuntimeError(f"step {global_step}: rollouts {max(staleness)} updates behind the learner, past "
+                                   f"trainer.max_staleness={trainer.max_staleness}; refusing to train on them")
+            dropped += 1
+
+    def step(self, step: int, global_step: int, steps_left: int | None = None) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
         start = time.time()
-        batch, self.ahead = self.ahead or self.rollouts(step, global_step), None
-        trajs, problems = batch.trajectories(), batch.problems
+        if self.next is None:
+            self.next = (step, global_step)
+        batch, staleness, dropped = self.take(global_step)
+        wanted = self.depth() if steps_left is None else min(self.depth(), steps_left)
+        while len(self.ahead) < wanted:
+            self.dispatch()
+        got, problems = batch.get(), batch.problems
+        trajs = got.trajectories
         t_gen = time.time()
-        if trainer.mode == "one_step" and trainer.max_staleness >= 1 and not last:
-            self.ahead = self.rollouts(step + 1, global_step + 1)
-        learner = ctx.learner_version()
-        staleness = [learner - tr.weights_version for tr in trajs]
-        if max(staleness) > trainer.max_staleness:
-            raise RuntimeError(f"step {global_step}: rollouts {max(staleness)} updates behind the learner, past "
-                               f"trainer.max_staleness={trainer.max_staleness}; refusing to train on them")
-        results = ctx.score({p.id: p for p in problems}, trajs, draw=global_step)
+        results = got.results if got.results is not None else ctx.score({p.id: p for p in problems}, trajs,
+                                                                        draw=global_step)
         t_reward = time.time()
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         group_ids = [tr.prompt_id for tr in trajs]
@@ -192,36 +259,37 @@ class GrpoStage(StageKind):
         metrics = reward_metrics(trajs, results, len(kept))
         metrics.update({"rollout/max_tokens": batch.sampling.max_tokens,
                         "offpolicy/staleness_mean": sum(staleness) / len(staleness),
-                        "offpolicy/staleness_max": max(staleness)})
+                        "offpolicy/staleness_max": max(staleness), "offpolicy/dropped_batches": dropped})
         if kept:
             metrics.update(ctx.train(kept))
         t_train = time.time()
-        if self.ahead:  # the engines take the new weights once the next step's responses are in
-            self.ahead.trajectories()
+        if ctx.cfg.trainer.mode == "one_step" and self.ahead:  # the engines take the new weights once the
+            self.ahead[-1].wait_generated()  # next step's responses are in: lag exactly 1
         t_ahead = time.time()
         if kept:
             metrics.update(ctx.sync())
         else:
             metrics.update({"sync/version": ctx.versions()[0], "timing_s/sync": 0.0})
         tokens = sum(len(tr.response_token_ids) + len(tr.prompt_token_ids) for tr in trajs)
-        metrics.update({"timing_s/gen": t_gen - start, "perf/gen_s": batch.seconds,
+        metrics.update({"timing_s/gen": t_gen - start, "perf/gen_s": got.gen_s, "perf/reward_s": got.reward_s,
                         "timing_s/gen_ahead_wait": t_ahead - t_train, "timing_s/reward": t_reward - t_gen,
                         "timing_s/train": t_train - t_reward, "timing_s/step": time.time() - start,
                         "perf/tokens_per_s": tokens / max(time.time() - start, 1e-9)})
         return metrics
 
     def state(self) -> dict:
-        return {"ahead": self.ahead.state() if self.ahead else None}
+        return {"ahead": [r.state() for r in self.ahead], "next": self.next}
 
     def load_state(self, state: dict) -> None:
-        if state.get("ahead"):
-            by_id = {p.id: p for source in self.sampler.sources for p in source}
-            self.ahead = Rollouts.from_state(state["ahead"], by_id)
+        by_id = {p.id: p for source in self.sampler.sources for p in source}
+        self.ahead = deque(Rollouts.from_state(r, by_id) for r in state.get("ahead", []))
+        self.next = tuple(state["next"]) if state.get("next") else None
 
     def finish(self) -> None:
-        if self.ahead:
-            self.ahead.trajectories()  # a failure to generate them still surfaces
-            self.ahead = None
+        for batch in self.ahead:
+            batch.get()  # a failure to generate them still surfaces
+        self.ahead.clear()
+        self.next = None
 
 
 def keep_informative(samples: list[TrainSample], group_ids: list[str], rewards: torch.Tensor) -> list[TrainSample]:
