@@ -13,21 +13,23 @@ Speed: one warm fleet per layout, from one cold-start checkpoint (so responses h
 `--runs` rounds of `--steps` GRPO steps per mode, the modes alternating (reversed on odd rounds), the batches
 generated ahead let go at each switch and the first step of each round a discarded warm-up; the median step time per mode; each side's idle share is 1 - the CPU
 seconds its processes used (psutil) over wall time x the cores its threads can use. Learning: from the same
-checkpoint, one run per mode and seed of `--learn-steps` steps on the colocated fleet; held-out accuracy at
-the end, and reward by wall-clock and by samples on one plot.
+checkpoint, one run per arm (ARMS: each mode, async with truncated IS and once more uncorrected) and seed of
+`--learn-steps` steps on the colocated fleet; held-out accuracy at the end against sync's spread over seeds
+and one evaluation's 95 % binomial half-width, and reward by wall-clock and by samples on one plot.
 
     python -m bench.overlap [--runs 3] [--steps 6] [--learn-steps 30] [--seeds 0,1] [--out runs/overlap]
 
 Prints the tables, then one JSON object as the last line: overlap_speedup_colocated,
 overlap_speedup_disaggregated (the better overlapping mode's), speedup (per layout and mode), idle_fraction
-(per layout, mode and side), step_s, heldout_accuracy (per mode and seed), sync_seed_spread_points,
-minus_sync_points (per mode), plot, minutes.
+(per layout, mode and side), step_s, heldout_accuracy (per arm and seed), sync_seed_spread_points,
+heldout_half_width_points, minus_sync_points (per arm), plot, minutes.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -41,6 +43,11 @@ from services.run_dir import METRICS_FILE, read_jsonl
 
 MODES = {"sync": ("sync", 1), "one_step": ("one_step", 1), "async_k2": ("async", 2)}  # trainer.mode, max_staleness
 OVERLAPPING = [m for m in MODES if m != "sync"]
+# The learning runs: each mode as a user would run it (async two updates behind with truncated IS, which it
+# needs), and async uncorrected, to show what the correction is for.
+CORRECTION = "stages.grpo.algo.offpolicy_correction"
+ARMS = {"sync": ("sync", "none"), "one_step": ("one_step", "none"), "async_k2": ("async_k2", "tis"),
+        "async_k2_uncorrected": ("async_k2", "none")}  # mode, correction
 BASE = ["evaluation.samples=0", "evaluation.max_tokens=40", "rollout.spares=0", "tracking.backends=[jsonl]"]
 
 
@@ -154,7 +161,7 @@ def plot(learning: dict[str, dict[int, dict]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.3), constrained_layout=True)
-    colours = {"sync": "tab:blue", "one_step": "tab:orange", "async_k2": "tab:green"}
+    colours = {"sync": "tab:blue", "one_step": "tab:orange", "async_k2": "tab:green", "async_k2_uncorrected": "tab:red"}
     for mode, by_seed in learning.items():
         for i, result in enumerate(by_seed.values()):
             clock, samples, reward = zip(*result["curve"])
@@ -200,13 +207,15 @@ def main() -> None:
 
     try:
         demo, checkpoint = cold_start(out, fleet_for)
-        learning: dict[str, dict[int, dict]] = {mode: {} for mode in MODES}
+        learning: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
         for seed in seeds:
-            for mode, (trainer_mode, staleness) in MODES.items():
-                cfg = grpo_only(demo, checkpoint, [f"trainer.mode={trainer_mode}", f"trainer.max_staleness={staleness}",
-                                                   f"trainer.seed={seed}", f"stages.grpo.end.max_steps={args.learn_steps}"])
-                learning[mode][seed] = learning_run(cfg, fleet_for(cfg), out / f"learn-{mode}-seed{seed}")
-                print(f"# learning {mode} seed {seed}: held-out {learning[mode][seed]['accuracy']:.3f}", flush=True)
+            for arm, (mode, correction) in ARMS.items():
+                trainer_mode, staleness = MODES[mode]
+                cfg = grpo_only(demo, checkpoint, [*layouts()["colocated"], f"trainer.mode={trainer_mode}",
+                                                   f"trainer.max_staleness={staleness}", f"{CORRECTION}={correction}", f"trainer.seed={seed}",
+                                                   f"stages.grpo.end.max_steps={args.learn_steps}"])
+                learning[arm][seed] = learning_run(cfg, fleet_for(cfg), out / f"learn-{arm}-seed{seed}")
+                print(f"# learning {arm} seed {seed}: held-out {learning[arm][seed]['accuracy']:.3f}", flush=True)
         speed = {}
         for layout, overrides in layouts().items():
             cfg = grpo_only(demo, checkpoint, overrides)
@@ -225,15 +234,18 @@ def main() -> None:
         for mode, s in by_mode.items():
             print(f"{layout:<15}{mode:<10}{s['step_s']:8.2f}{1 / s['step_s']:9.3f}{speedup[layout][mode]:10.2f}"
                   f"{s['idle']['rollout']:14.2f}{s['idle']['learner']:14.2f}")
-    print(f"\n{'mode':<10}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds) + f"{'mean':>10}")
+    print(f"\n{'arm':<22}" + "".join(f"{'seed ' + str(s):>10}" for s in seeds) + f"{'mean':>10}")
     accuracy = {mode: {seed: r["accuracy"] for seed, r in by_seed.items()} for mode, by_seed in learning.items()}
     for mode, by_seed in accuracy.items():
-        print(f"{mode:<10}" + "".join(f"{a:10.3f}" for a in by_seed.values()) + f"{statistics.mean(by_seed.values()):10.3f}")
+        print(f"{mode:<22}" + "".join(f"{a:10.3f}" for a in by_seed.values()) + f"{statistics.mean(by_seed.values()):10.3f}")
     spread = 100 * (max(accuracy["sync"].values()) - min(accuracy["sync"].values()))
-    diff = {m: 100 * statistics.mean(accuracy[m][s] - accuracy["sync"][s] for s in seeds) for m in OVERLAPPING}
+    sync_mean = statistics.mean(accuracy["sync"].values())
+    half_width = 100 * 1.96 * math.sqrt(sync_mean * (1 - sync_mean) / demo.data.n_heldout)
+    diff = {arm: 100 * statistics.mean(accuracy[arm][s] - accuracy["sync"][s] for s in seeds) for arm in ARMS if arm != "sync"}
     print(f"\nheld-out accuracy after {args.learn_steps} steps, mean over seeds: "
           + ", ".join(f"{m} - sync {d:+.1f} points" for m, d in diff.items())
-          + f"; sync's own spread over seeds {spread:.1f} points")
+          + f"; sync's own spread over seeds {spread:.1f} points, one evaluation's 95 % binomial half-width "
+            f"{half_width:.1f} points ({demo.data.n_heldout} items)")
     print(json.dumps({
         "overlap_speedup_colocated": round(max(speedup["colocated"][m] for m in OVERLAPPING), 3),
         "overlap_speedup_disaggregated": round(max(speedup["disaggregated"][m] for m in OVERLAPPING), 3),
@@ -241,6 +253,7 @@ def main() -> None:
         "idle_fraction": {layout: {mode: s["idle"] for mode, s in by_mode.items()} for layout, by_mode in speed.items()},
         "step_s": {layout: {mode: round(s["step_s"], 3) for mode, s in by_mode.items()} for layout, by_mode in speed.items()},
         "heldout_accuracy": accuracy, "sync_seed_spread_points": round(spread, 1),
+        "heldout_half_width_points": round(half_width, 1),
         "minus_sync_points": {m: round(d, 1) for m, d in diff.items()}, "learn_steps": args.learn_steps,
         "plot": str(plot(learning, out / "reward.png")), "out": str(out),
         "minutes": round((time.time() - started) / 60, 1)}))

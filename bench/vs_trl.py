@@ -11,13 +11,15 @@ process. TRL generates with transformers (its default without a vLLM server) on 
 its demo topology (2 vLLM rollout actors + 2 DeepSpeed ranks, one thread each). Both score with vireo's
 reward (0.8 accuracy + 0.2 format), no KL, one update per batch; vireo's dynamic filtering is off so both
 train on every sample. The first step of each run is a warm-up and is not timed. Each row of CONFIGS is
-one contender: `vireo_overlap` is vireo with trainer.mode=one_step (`--contenders trl,vireo,vireo_overlap`).
+one contender: `vireo_one_step` is vireo with trainer.mode=one_step, `vireo_async` with trainer.mode=async
+two updates ahead and truncated IS (`--contenders trl,vireo,vireo_one_step,vireo_async`).
 
 Prints a table, every run's reward curve, the mean curve with its spread (and grad norm, entropy,
 response length, truncation and the rollout/learner logprob gap per step), plots the curves
-(docs/vs-trl-<steps>.png), then one JSON line with `vireo_over_trl_step_speed` (TRL's median step time
-over vireo's; above 1 means vireo is faster), `reward_gain_<contender>` (mean reward over the last 5 steps
-minus step 0, mean over runs) with its spread, and `seconds_to_reward` (training seconds until the 3-step
+(docs/vs-trl-<steps>.png), then one JSON line with `<contender>_over_trl_step_speed` per vireo contender
+(TRL's median step time over its; above 1 means vireo is faster) and `vireo_overlap_over_trl_step_speed`
+(the better overlapping contender's), `reward_gain_<contender>` (mean reward over the last 5 steps minus
+step 0, mean over runs) with its spread, and `seconds_to_reward` (training seconds until the 3-step
 mean reward first reaches the level the weaker contender's mean curve peaks at).
 
 `--same-batch` samples one batch (vLLM, vireo's reward, GRPO advantages) and applies one update to the same
@@ -44,7 +46,11 @@ TRL_SITE = REPO / ".bench-trl"
 CONFIGS: dict[str, dict] = {
     "trl": {"runner": "trl"},
     "vireo": {"runner": "vireo", "overrides": []},
-    "vireo_overlap": {"runner": "vireo", "overrides": ["trainer.mode=one_step"]},  # generation overlaps training
+    # generation overlaps training: one step ahead, and streaming two updates ahead with truncated IS (which
+    # two updates of lag need: bench.overlap's uncorrected arm)
+    "vireo_one_step": {"runner": "vireo", "overrides": ["trainer.mode=one_step"], "overlaps": True},
+    "vireo_async": {"runner": "vireo", "overrides": ["trainer.mode=async", "trainer.max_staleness=2",
+                                                     "stages.grpo.algo.offpolicy_correction=tis"], "overlaps": True},
 }
 
 
@@ -67,7 +73,7 @@ def run_vireo(model: str, data: Path, a: argparse.Namespace, overrides: list[str
     grpo = controller.begin_stage(0, plans[0])[0].kind
     rows = []
     for step in range(1, a.steps + 2):
-        m = grpo.step(step, step)
+        m = grpo.step(step, step, steps_left=a.steps + 1 - step)  # async generates no batch past the last step
         rows.append({"step_s": m["timing_s/step"], "gen_s": m["timing_s/gen"],
                      "train_s": m["timing_s/train"] + m["timing_s/sync"],
                      "gen_tokens": m["response_length/mean"] * a.prompts * a.n, "reward": m["reward/mean"],
@@ -390,28 +396,28 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  load {min(loads):.1f}-{max(loads):.1f}  cores {os.cpu_count()}  "
           f"{a.prompts} prompts x {a.n} samples x {a.max_tokens} tokens, lr {a.lr:g}, {a.steps} timed steps, "
           f"{a.runs} alternating runs (medians of per-run medians)")
-    print(f"{'':>8} {'step s':>8} {'gen s':>7} {'train s':>8} {'gen tok/s':>10}   per-run step s")
+    print(f"{'':>16} {'step s':>8} {'gen s':>7} {'train s':>8} {'gen tok/s':>10}   per-run step s")
     summary = {}
     for c in contenders:
         runs = [summarise(r, a) for r in results[c]]
         summary[c] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{c:>8} {summary[c]['step_s']:8.2f} {summary[c]['gen_s']:7.2f} {summary[c]['train_s']:8.2f} "
+        print(f"{c:>16} {summary[c]['step_s']:8.2f} {summary[c]['gen_s']:7.2f} {summary[c]['train_s']:8.2f} "
               f"{summary[c]['gen_tok_s']:10.0f}   " + " ".join(f"{r['step_s']:.2f}" for r in runs))
     curves = {c: [[r["reward"] for r in run] for run in results[c]] for c in contenders}
     print("\nreward/mean per step (step 0 is the untimed warm-up step; its batch was sampled before any update)")
-    print("step     " + " ".join(f"{i:>5d}" for i in range(a.steps + 1)))
+    print(f"{'step':<17}" + " ".join(f"{i:>5d}" for i in range(a.steps + 1)))
     for c in contenders:
         for run, curve in enumerate(curves[c]):
-            print(f"{c + '-' + str(run):>8} " + " ".join(f"{v:5.3f}" for v in curve))
+            print(f"{c + '-' + str(run):>16} " + " ".join(f"{v:5.3f}" for v in curve))
     mean = {c: [statistics.mean(col) for col in zip(*curves[c])] for c in contenders}
     spread = {c: [statistics.pstdev(col) for col in zip(*curves[c])] for c in contenders}
     for c in contenders:
-        print(f"{c + ' mean':>8} " + " ".join(f"{v:5.3f}" for v in mean[c]))
-        print(f"{c + ' sd':>8} " + " ".join(f"{v:5.3f}" for v in spread[c]))
+        print(f"{c + ' mean':>16} " + " ".join(f"{v:5.3f}" for v in mean[c]))
+        print(f"{c + ' sd':>16} " + " ".join(f"{v:5.3f}" for v in spread[c]))
     for key in ("grad_norm", "entropy", "length", "clipped", "rollout_gap_mean", "rollout_gap_max"):
         print(f"\n{key} per step (mean over runs)")
         for c in contenders:
-            print(f"{c:>8} " + " ".join(f"{statistics.mean(col):{'7.1e' if 'gap' in key else '5.3f'}}" for col in zip(
+            print(f"{c:>16} " + " ".join(f"{statistics.mean(col):{'7.1e' if 'gap' in key else '5.3f'}}" for col in zip(
                 *[[r.get(key, float('nan')) for r in run] for run in results[c]])))
     gains = {c: [reward_gain(curve) for curve in curves[c]] for c in contenders}
     target = min(max(smoothed(mean[c])) for c in contenders)  # a level every contender's mean curve reaches
@@ -427,6 +433,9 @@ def main() -> None:
     print(f"curves plotted: {plot}")
     headline = {f"{c}_over_trl_step_speed": round(summary["trl"]["step_s"] / summary[c]["step_s"], 3)
                 for c in contenders if c != "trl" and "trl" in summary}
+    overlapping = [headline[f"{c}_over_trl_step_speed"] for c in contenders if CONFIGS[c].get("overlaps") and headline]
+    if overlapping:
+        headline["vireo_overlap_over_trl_step_speed"] = max(overlapping)
     print(json.dumps({**headline, **{f"reward_gain_{c}": round(statistics.mean(gains[c]), 4) for c in contenders},
                       **{f"reward_gain_spread_{c}": round(statistics.pstdev(gains[c]), 4) for c in contenders},
                       "seconds_to_reward": {"target": round(target, 4), **{c: round(v, 2) for c, v in to_target.items()}},
@@ -460,7 +469,7 @@ def plot_curves(path: Path, curves: dict[str, list[list[float]]], a: argparse.Na
     import matplotlib.pyplot as plt
 
     fig, (runs_ax, mean_ax) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for (c, runs), color in zip(curves.items(), ("tab:orange", "tab:blue", "tab:green")):
+    for (c, runs), color in zip(curves.items(), ("tab:orange", "tab:blue", "tab:green", "tab:red")):
         for i, curve in enumerate(runs):
             runs_ax.plot(curve, color=color, alpha=0.6, label=c if i == 0 else None)
         mean = [statistics.mean(col) for col in zip(*runs)]
